@@ -1,0 +1,38 @@
+//! Command-line definition. Flag names follow Musubi Tuner's (`--model_version`, `--dit`, ...), so
+//! existing command lines keep working.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Fine-tune (LoRA) and run Black Forest Labs' FLUX.2 models: dev, klein 4B/9B and klein-base
+/// 4B/9B, from the original checkpoint files.
+#[derive(Debug, Parser)]
+#[command(name = "flux2-tuner", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The jobs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a DiT checkpoint without running it: infers its configuration, checks every key,
+    /// shape and dtype, and says which FLUX.2 version it is.
+    Inspect(InspectArgs),
+}
+
+/// Arguments of `inspect`.
+#[derive(Debug, clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct InspectArgs {
+    /// The DiT file (BFL format: flux2-dev.safetensors, flux-2-klein-*.safetensors), or the first
+    /// shard of a split checkpoint.
+    #[arg(long)]
+    pub dit: PathBuf,
+
+    /// The version the file must be: dev, klein-4b, klein-base-4b, klein-9b, klein-base-9b.
+    /// Without it the version is only reported.
+    #[arg(long)]
+    pub model_version: Option<String>,
+}

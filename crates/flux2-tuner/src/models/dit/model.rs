@@ -1,0 +1,239 @@
+//! The FLUX.2 transformer (BFL `Flux2`): loading with every check done before any compute, and the
+//! forward pass of spec §1.3.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::models::dit::blocks::{DoubleStreamBlock, LastLayer, Modulation, SingleStreamBlock};
+use crate::models::dit::embeddings::{timestep_embedding, MlpEmbedder};
+use crate::models::dit::weights::DitWeights;
+use crate::models::dit::DitConfig;
+use crate::models::version::ModelVersion;
+use crate::nn::rope::RopeTables;
+use crate::nn::Linear;
+
+/// Inputs of one forward pass.
+///
+/// # Shapes
+/// - `image_tokens`: `[b, n, 128]` packed latents, followed by any reference-image tokens;
+/// - `image_position_ids`: `[b, n, 4]` integer `(t, h, w, l)`;
+/// - `text_embeddings`: `[b, l, context_in_dim]`;
+/// - `text_position_ids`: `[b, l, 4]`;
+/// - `timesteps`: `[b]`, sigma in `[0, 1]`;
+/// - `guidance`: `[b]`, only for models with a guidance embedding.
+#[derive(Debug, Clone)]
+pub struct DitInput<'a> {
+    pub image_tokens: &'a Tensor,
+    pub image_position_ids: &'a Tensor,
+    pub text_embeddings: &'a Tensor,
+    pub text_position_ids: &'a Tensor,
+    pub timesteps: &'a Tensor,
+    pub guidance: Option<&'a Tensor>,
+}
+
+/// The FLUX.2 DiT.
+#[derive(Debug, Clone)]
+pub struct Flux2Dit {
+    pub config: DitConfig,
+    /// Activation and weight dtype (f32 or bf16).
+    pub dtype: DType,
+    pub img_in: Linear,
+    pub txt_in: Linear,
+    pub time_in: MlpEmbedder,
+    pub guidance_in: Option<MlpEmbedder>,
+    pub double_stream_modulation_img: Modulation,
+    pub double_stream_modulation_txt: Modulation,
+    pub single_stream_modulation: Modulation,
+    pub double_blocks: Vec<DoubleStreamBlock>,
+    pub single_blocks: Vec<SingleStreamBlock>,
+    pub final_layer: LastLayer,
+}
+
+/// Infers the configuration of `checkpoint`, checks it against `expected` and validates every key,
+/// shape and dtype. Reads headers only.
+pub fn check_dit_checkpoint(checkpoint: &Checkpoint, expected: Option<ModelVersion>) -> Result<DitConfig> {
+    let config = DitConfig::infer(checkpoint)?;
+    if let Some(expected) = expected {
+        check_version(checkpoint, &config, expected)?;
+    }
+    checkpoint.validate(&config.expected_keys(), |_| false)?;
+    Ok(config)
+}
+
+fn check_version(checkpoint: &Checkpoint, config: &DitConfig, expected: ModelVersion) -> Result<()> {
+    let info = expected.info();
+    if info.dit == *config {
+        return Ok(());
+    }
+    let wrong = |reason: String| {
+        Err(Error::WrongModelVersion {
+            path: checkpoint.path().to_path_buf(),
+            expected: expected.name().to_string(),
+            reason,
+        })
+    };
+    let matches = ModelVersion::matching_architecture(config);
+    if !matches.is_empty() {
+        let names: Vec<&str> = matches.iter().map(|v| v.name()).collect();
+        return wrong(format!(
+            "they look like {} (hidden size {}, {} double + {} single blocks); pass \
+             --model_version {}",
+            names.join(" or "),
+            config.hidden_size,
+            config.depth,
+            config.depth_single_blocks,
+            names[0]
+        ));
+    }
+    // Not a real size: a small test model. Accept it if it has the version's kind of conditioning.
+    let is_real_size = config.head_dim() == 128 && config.hidden_size >= 3072;
+    if is_real_size {
+        return wrong(format!(
+            "hidden size {}, {} double + {} single blocks and context width {} match no FLUX.2 \
+             version",
+            config.hidden_size, config.depth, config.depth_single_blocks, config.context_in_dim
+        ));
+    }
+    if config.guidance_embed != info.dit.guidance_embed {
+        return wrong(format!(
+            "{} has {}guidance embedding (guidance_in) but the file has {}",
+            expected.name(),
+            if info.dit.guidance_embed { "a " } else { "no " },
+            if config.guidance_embed { "one" } else { "none" }
+        ));
+    }
+    Ok(())
+}
+
+impl Flux2Dit {
+    /// Loads a BFL-format DiT, checking it first (see [`check_dit_checkpoint`]).
+    pub fn load(
+        checkpoint: &Checkpoint,
+        expected: Option<ModelVersion>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = check_dit_checkpoint(checkpoint, expected)?;
+        let weights = DitWeights {
+            checkpoint,
+            device: device.clone(),
+            dtype,
+        };
+        let heads = config.num_heads;
+        let hidden = config.hidden_size;
+        Ok(Self {
+            img_in: weights.linear("img_in")?,
+            txt_in: weights.linear("txt_in")?,
+            time_in: MlpEmbedder::load(&weights, "time_in")?,
+            guidance_in: if config.guidance_embed {
+                Some(MlpEmbedder::load(&weights, "guidance_in")?)
+            } else {
+                None
+            },
+            double_stream_modulation_img: Modulation::load(&weights, "double_stream_modulation_img")?,
+            double_stream_modulation_txt: Modulation::load(&weights, "double_stream_modulation_txt")?,
+            single_stream_modulation: Modulation::load(&weights, "single_stream_modulation")?,
+            double_blocks: (0..config.depth)
+                .map(|i| DoubleStreamBlock::load(&weights, &format!("double_blocks.{i}"), heads))
+                .collect::<Result<_>>()?,
+            single_blocks: (0..config.depth_single_blocks)
+                .map(|i| SingleStreamBlock::load(&weights, &format!("single_blocks.{i}"), heads, hidden))
+                .collect::<Result<_>>()?,
+            final_layer: LastLayer::load(&weights, "final_layer")?,
+            config,
+            dtype,
+        })
+    }
+
+    /// The conditioning vector `time_in(emb(t)) [+ guidance_in(emb(g))]`, `[b, hidden]`.
+    fn conditioning(&self, timesteps: &Tensor, guidance: Option<&Tensor>) -> Result<Tensor> {
+        let mut vec = self
+            .time_in
+            .forward(&timestep_embedding(timesteps, self.dtype)?)?;
+        if let Some(embedder) = &self.guidance_in {
+            let guidance = guidance.ok_or_else(|| {
+                Error::Shape("this model has a guidance embedding: a guidance value is required".into())
+            })?;
+            vec = (vec + embedder.forward(&timestep_embedding(guidance, self.dtype)?)?)?;
+        }
+        Ok(vec)
+    }
+
+    /// Runs the transformer and returns the velocity for every image token, f32 `[b, n, 128]`.
+    pub fn forward(&self, input: &DitInput) -> Result<Tensor> {
+        let vec = self.conditioning(input.timesteps, input.guidance)?;
+        let img_mod = self.double_stream_modulation_img.forward(&vec)?;
+        let txt_mod = self.double_stream_modulation_txt.forward(&vec)?;
+        let single_mod = self.single_stream_modulation.forward(&vec)?;
+
+        let mut img = self
+            .img_in
+            .forward(&input.image_tokens.to_dtype(self.dtype)?)?;
+        let mut txt = self
+            .txt_in
+            .forward(&input.text_embeddings.to_dtype(self.dtype)?)?;
+        let (axes, theta) = (&self.config.axes_dim, self.config.theta);
+        let rope = RopeTables::cat(
+            &RopeTables::new(input.text_position_ids, axes, theta)?,
+            &RopeTables::new(input.image_position_ids, axes, theta)?,
+        )?;
+
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(&img, &txt, &img_mod, &txt_mod, &rope)?;
+        }
+        let text_length = txt.dim(1)?;
+        let image_length = img.dim(1)?;
+        let mut joint = Tensor::cat(&[&txt, &img], 1)?;
+        for block in &self.single_blocks {
+            joint = block.forward(&joint, &single_mod[0], &rope)?;
+        }
+        let img = joint.narrow(1, text_length, image_length)?;
+        self.final_layer.forward(&img, &vec)
+    }
+
+    /// Every linear layer with its BFL module path (`double_blocks.0.img_attn.qkv`, ...), for
+    /// attaching or merging LoRA adapters.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out: Vec<(String, &mut Linear)> = vec![
+            ("img_in".into(), &mut self.img_in),
+            ("txt_in".into(), &mut self.txt_in),
+            ("time_in.in_layer".into(), &mut self.time_in.in_layer),
+            ("time_in.out_layer".into(), &mut self.time_in.out_layer),
+            (
+                "double_stream_modulation_img.lin".into(),
+                &mut self.double_stream_modulation_img.lin,
+            ),
+            (
+                "double_stream_modulation_txt.lin".into(),
+                &mut self.double_stream_modulation_txt.lin,
+            ),
+            ("single_stream_modulation.lin".into(), &mut self.single_stream_modulation.lin),
+            (
+                "final_layer.adaLN_modulation.1".into(),
+                &mut self.final_layer.ada_ln_modulation,
+            ),
+            ("final_layer.linear".into(), &mut self.final_layer.linear),
+        ];
+        if let Some(guidance) = &mut self.guidance_in {
+            out.push(("guidance_in.in_layer".into(), &mut guidance.in_layer));
+            out.push(("guidance_in.out_layer".into(), &mut guidance.out_layer));
+        }
+        for (i, block) in self.double_blocks.iter_mut().enumerate() {
+            let p = format!("double_blocks.{i}");
+            out.push((format!("{p}.img_attn.qkv"), &mut block.img_attn.qkv));
+            out.push((format!("{p}.img_attn.proj"), &mut block.img_attn.proj));
+            out.push((format!("{p}.img_mlp.0"), &mut block.img_mlp.layer_0));
+            out.push((format!("{p}.img_mlp.2"), &mut block.img_mlp.layer_2));
+            out.push((format!("{p}.txt_attn.qkv"), &mut block.txt_attn.qkv));
+            out.push((format!("{p}.txt_attn.proj"), &mut block.txt_attn.proj));
+            out.push((format!("{p}.txt_mlp.0"), &mut block.txt_mlp.layer_0));
+            out.push((format!("{p}.txt_mlp.2"), &mut block.txt_mlp.layer_2));
+        }
+        for (i, block) in self.single_blocks.iter_mut().enumerate() {
+            out.push((format!("single_blocks.{i}.linear1"), &mut block.linear1));
+            out.push((format!("single_blocks.{i}.linear2"), &mut block.linear2));
+        }
+        out
+    }
+}

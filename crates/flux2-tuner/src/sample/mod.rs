@@ -1,0 +1,3 @@
+//! Sampling: the sigma schedule.
+
+pub mod schedule;

@@ -1,0 +1,3 @@
+//! Small utilities.
+
+pub mod rng;
