@@ -25,7 +25,10 @@ fn inspect(args: &InspectArgs) -> Result<()> {
     let versions = ModelVersion::matching_architecture(&config);
     let names: Vec<&str> = versions.iter().map(|v| v.name()).collect();
     println!("file: {}", args.dit.display());
-    println!("tensors: {} (all keys, shapes and dtypes valid)", checkpoint.len());
+    println!(
+        "tensors: {} (all keys, shapes and dtypes valid)",
+        checkpoint.len()
+    );
     println!(
         "architecture: hidden {}, {} heads x {}, {} double + {} single blocks, context {}, guidance \
          embedding {}",

@@ -95,7 +95,10 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
             if !shard.exists() {
                 return Err(Error::io(
                     &shard,
-                    format!("shard {i} of {count} is missing (expanded from {})", path.display()),
+                    format!(
+                        "shard {i} of {count} is missing (expanded from {})",
+                        path.display()
+                    ),
                     std::io::Error::from(std::io::ErrorKind::NotFound),
                 ));
             }
@@ -239,8 +242,9 @@ impl Checkpoint {
                 path: self.path.clone(),
                 count: extra.len(),
                 first: (*first).to_string(),
-                hint: "the file holds tensors this model does not have: is it the right kind of file?"
-                    .into(),
+                hint:
+                    "the file holds tensors this model does not have: is it the right kind of file?"
+                        .into(),
             });
         }
         Ok(())

@@ -255,7 +255,8 @@ impl SafetensorsFile {
             found: entry.dtype.name().into(),
         })?;
         // Loading goes through the host; copying straight from the mmap keeps one copy at a time.
-        let tensor = Tensor::from_raw_buffer(self.bytes(entry), stored, &entry.shape, &Device::Cpu)?;
+        let tensor =
+            Tensor::from_raw_buffer(self.bytes(entry), stored, &entry.shape, &Device::Cpu)?;
         let tensor = if stored == dtype {
             tensor
         } else if stored == DType::F8E4M3 && dtype != DType::F32 {
@@ -270,7 +271,9 @@ impl SafetensorsFile {
 
 fn parse_entry(path: &Path, key: &str, value: &serde_json::Value) -> Result<TensorEntry> {
     let bad = |what: &str| invalid(path, format!("tensor `{key}`: {what}"));
-    let object = value.as_object().ok_or_else(|| bad("entry is not an object"))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| bad("entry is not an object"))?;
     let dtype_name = object
         .get("dtype")
         .and_then(|v| v.as_str())

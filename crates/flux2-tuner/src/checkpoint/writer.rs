@@ -24,7 +24,8 @@ pub fn write_atomically(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".into());
-    let temporary: PathBuf = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    let temporary: PathBuf =
+        path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let file = std::fs::File::create(&temporary)?;
         let mut writer = std::io::BufWriter::new(file);
@@ -51,7 +52,12 @@ pub fn save_safetensors(
 ) -> Result<()> {
     let views: Vec<(String, Tensor)> = tensors
         .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
+        .map(|(k, t)| {
+            Ok((
+                k.clone(),
+                t.to_device(&candle_core::Device::Cpu)?.contiguous()?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::InvalidSafetensors {
         path: path.to_path_buf(),

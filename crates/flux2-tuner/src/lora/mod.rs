@@ -71,7 +71,16 @@ impl LoraWeights {
             match part {
                 0 => slot.0 = Some(tensor),
                 1 => slot.1 = Some(tensor),
-                _ => slot.2 = Some(tensor.flatten_all()?.to_vec1::<f32>()?.first().copied().unwrap_or(0.0) as f64),
+                _ => {
+                    slot.2 = Some(
+                        tensor
+                            .flatten_all()?
+                            .to_vec1::<f32>()?
+                            .first()
+                            .copied()
+                            .unwrap_or(0.0) as f64,
+                    )
+                }
             }
         }
         let mut modules = BTreeMap::new();

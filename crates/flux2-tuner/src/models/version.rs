@@ -168,9 +168,18 @@ mod tests {
     /// Parameter counts computed from the checkpoint shapes (spec §1.1).
     #[test]
     fn parameter_counts_match_the_published_sizes() {
-        assert_eq!(ModelVersion::Dev.info().dit.parameter_count(), 32_223_281_152);
-        assert_eq!(ModelVersion::Klein4b.info().dit.parameter_count(), 3_875_544_576);
-        assert_eq!(ModelVersion::Klein9b.info().dit.parameter_count(), 9_078_581_248);
+        assert_eq!(
+            ModelVersion::Dev.info().dit.parameter_count(),
+            32_223_281_152
+        );
+        assert_eq!(
+            ModelVersion::Klein4b.info().dit.parameter_count(),
+            3_875_544_576
+        );
+        assert_eq!(
+            ModelVersion::Klein9b.info().dit.parameter_count(),
+            9_078_581_248
+        );
     }
 
     #[test]
@@ -186,7 +195,10 @@ mod tests {
             assert_eq!(v.name().parse::<ModelVersion>().unwrap(), v);
         }
         let err = "klein-5b".parse::<ModelVersion>().unwrap_err().to_string();
-        assert!(err.contains("klein-5b") && err.contains("klein-base-9b"), "{err}");
+        assert!(
+            err.contains("klein-5b") && err.contains("klein-base-9b"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,16 +8,35 @@ use serde_json::Value;
 
 use crate::fixtures::{relative_error, CaseTensors, FixtureSet, Result};
 
-/// Loads the variant's DiT in `dtype`, with the case's LoRA merged when it names one.
-pub fn load_dit(set: &FixtureSet, variant: &Value, case: &Value, dtype: DType) -> Result<Flux2Dit> {
-    let file = variant["dit"]["file"].as_str().ok_or("variant has no dit.file")?;
+/// How a case's LoRA is applied.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum LoraMode {
+    Merged,
+    Unmerged,
+}
+
+/// Loads the variant's DiT in `dtype`, with the case's LoRA applied when it names one.
+pub fn load_dit(
+    set: &FixtureSet,
+    variant: &Value,
+    case: &Value,
+    dtype: DType,
+    mode: LoraMode,
+) -> Result<Flux2Dit> {
+    let file = variant["dit"]["file"]
+        .as_str()
+        .ok_or("variant has no dit.file")?;
     let checkpoint = Checkpoint::open(&set.dir.join(file))?;
     let mut dit = Flux2Dit::load(&checkpoint, None, dtype, &Device::Cpu)?;
     if let Some(lora_file) = case.get("lora_file").and_then(Value::as_str) {
-        let multiplier = case["multiplier"].as_f64().ok_or("lora case has no multiplier")?;
+        let multiplier = case["multiplier"]
+            .as_f64()
+            .ok_or("lora case has no multiplier")?;
         let lora = LoraWeights::load(&set.dir.join(lora_file), &Device::Cpu)?;
         lora.attach(dit.linears_mut(), multiplier)?;
-        merge_all(dit.linears_mut())?;
+        if mode == LoraMode::Merged {
+            merge_all(dit.linears_mut())?;
+        }
     }
     Ok(dit)
 }
@@ -52,8 +71,14 @@ pub fn forward_case(dit: &Flux2Dit, tensors: &CaseTensors) -> Result<Tensor> {
 }
 
 /// Relative error of one forward case in `dtype`.
-pub fn run(set: &FixtureSet, variant: &Value, case: &Value, dtype: DType) -> Result<f64> {
-    let dit = load_dit(set, variant, case, dtype)?;
+pub fn run(
+    set: &FixtureSet,
+    variant: &Value,
+    case: &Value,
+    dtype: DType,
+    mode: LoraMode,
+) -> Result<f64> {
+    let dit = load_dit(set, variant, case, dtype, mode)?;
     let tensors = set.tensors(case["file"].as_str().ok_or("case has no file")?)?;
     let output = forward_case(&dit, &tensors)?;
     relative_error(&output, &tensors.f32("output")?)

@@ -76,25 +76,40 @@ pub fn relative_error(actual: &Tensor, expected: &Tensor) -> Result<f64> {
     let actual = actual.to_dtype(DType::F64)?;
     let expected = expected.to_dtype(DType::F64)?;
     if actual.dims() != expected.dims() {
-        return Err(format!("shape {:?} differs from the golden {:?}", actual.dims(), expected.dims()).into());
+        return Err(format!(
+            "shape {:?} differs from the golden {:?}",
+            actual.dims(),
+            expected.dims()
+        )
+        .into());
     }
-    let difference = (actual - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let difference = (actual - &expected)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?;
     let scale = expected.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-    Ok(if scale > 0.0 { difference / scale } else { difference })
+    Ok(if scale > 0.0 {
+        difference / scale
+    } else {
+        difference
+    })
 }
 
 /// `max |actual - expected|`.
 pub fn absolute_error(actual: &Tensor, expected: &Tensor) -> Result<f64> {
     let actual = actual.to_dtype(DType::F64)?;
     let expected = expected.to_dtype(DType::F64)?;
-    Ok((actual - expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+    Ok((actual - expected)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?)
 }
 
 /// Tolerance `name` (`f32`, `bf16`, or a nested key such as `f32.latents`) of a case.
 pub fn tolerance(case: &Value, path: &[&str]) -> Result<f64> {
-    let mut value = case
-        .get("tolerance")
-        .ok_or("case has no tolerance")?;
+    let mut value = case.get("tolerance").ok_or("case has no tolerance")?;
     for key in path {
         value = match value.get(key) {
             Some(v) => v,

@@ -40,7 +40,11 @@ impl Report {
         if !self.failed.is_empty() {
             println!("failed cases: {}", self.failed.join(", "));
         }
-        println!("golden: {} passed, {} failed", self.passed, self.failed.len());
+        println!(
+            "golden: {} passed, {} failed",
+            self.passed,
+            self.failed.len()
+        );
         self.failed.is_empty()
     }
 }

@@ -11,16 +11,26 @@ pub fn run(set: &FixtureSet) -> Result<(f64, f64)> {
     let tensors = set.tensors(schedule["file"].as_str().ok_or("schedule has no file")?)?;
     let tol = tolerance(schedule, &["f32"])?;
     let mut worst = 0f64;
-    for case in schedule["cases"].as_array().ok_or("schedule has no cases")? {
+    for case in schedule["cases"]
+        .as_array()
+        .ok_or("schedule has no cases")?
+    {
         let steps = case["num_steps"].as_u64().ok_or("case without num_steps")? as usize;
         let (key, sigmas) = match &case["index"] {
             Value::String(name) => {
-                let shift = case["flow_shift"].as_f64().ok_or("shift case without flow_shift")?;
+                let shift = case["flow_shift"]
+                    .as_f64()
+                    .ok_or("shift case without flow_shift")?;
                 (format!("{name}.sigmas_f32"), shifted_schedule(steps, shift))
             }
             index => {
-                let tokens = case["image_seq_len"].as_u64().ok_or("case without image_seq_len")?;
-                (format!("s{index}.sigmas_f32"), flux2_schedule(steps, tokens as usize))
+                let tokens = case["image_seq_len"]
+                    .as_u64()
+                    .ok_or("case without image_seq_len")?;
+                (
+                    format!("s{index}.sigmas_f32"),
+                    flux2_schedule(steps, tokens as usize),
+                )
             }
         };
         let expected = tensors.f32(&key)?;

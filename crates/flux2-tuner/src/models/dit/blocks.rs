@@ -94,7 +94,9 @@ fn split_qkv(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (batch, length, width) = qkv.dims3()?;
     let head_dim = width / (3 * heads);
-    let qkv = qkv.reshape((batch, length, 3, heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
+    let qkv = qkv
+        .reshape((batch, length, 3, heads, head_dim))?
+        .permute((2, 0, 3, 1, 4))?;
     let q = rms_norm(&qkv.get(0)?, &norm.query_norm, NORM_EPS)?;
     let k = rms_norm(&qkv.get(1)?, &norm.key_norm, NORM_EPS)?;
     let v = qkv.get(2)?.contiguous()?;
@@ -199,9 +201,11 @@ impl DoubleStreamBlock {
         let img_attn = joint.narrow(1, txt_len, img.dim(1)?)?;
 
         let img = img_mod[0].gated_add(img, &self.img_attn.proj.forward(&img_attn)?)?;
-        let img = img_mod[1].gated_add(&img, &self.img_mlp.forward(&img_mod[1].modulate(&img)?)?)?;
+        let img =
+            img_mod[1].gated_add(&img, &self.img_mlp.forward(&img_mod[1].modulate(&img)?)?)?;
         let txt = txt_mod[0].gated_add(txt, &self.txt_attn.proj.forward(&txt_attn)?)?;
-        let txt = txt_mod[1].gated_add(&txt, &self.txt_mlp.forward(&txt_mod[1].modulate(&txt)?)?)?;
+        let txt =
+            txt_mod[1].gated_add(&txt, &self.txt_mlp.forward(&txt_mod[1].modulate(&txt)?)?)?;
         Ok((img, txt))
     }
 }
@@ -225,7 +229,12 @@ pub struct SingleStreamBlock {
 }
 
 impl SingleStreamBlock {
-    pub fn load(weights: &DitWeights, prefix: &str, num_heads: usize, hidden_size: usize) -> Result<Self> {
+    pub fn load(
+        weights: &DitWeights,
+        prefix: &str,
+        num_heads: usize,
+        hidden_size: usize,
+    ) -> Result<Self> {
         Ok(Self {
             linear1: weights.linear(&format!("{prefix}.linear1"))?,
             linear2: weights.linear(&format!("{prefix}.linear2"))?,
@@ -237,7 +246,12 @@ impl SingleStreamBlock {
 
     /// # Shapes
     /// `x`: `[b, l, hidden]` (text then image tokens); returns the same shape.
-    pub fn forward(&self, x: &Tensor, modulation: &ModulationParams, rope: &RopeTables) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        modulation: &ModulationParams,
+        rope: &RopeTables,
+    ) -> Result<Tensor> {
         let projected = self.linear1.forward(&modulation.modulate(x)?)?;
         let qkv_width = 3 * self.hidden_size;
         let mlp_width = projected.dim(D::Minus1)? - qkv_width;

@@ -106,12 +106,15 @@ impl DitConfig {
                 found: shape.to_vec(),
             })
         };
-        if checkpoint.shape("img_in.weight").is_err() && checkpoint.keys().any(|k| k.starts_with("x_embedder")) {
+        if checkpoint.shape("img_in.weight").is_err()
+            && checkpoint.keys().any(|k| k.starts_with("x_embedder"))
+        {
             return Err(Error::InvalidConfig {
                 path: path.to_path_buf(),
-                message: "this is a diffusers-format transformer; flux2-tuner loads the original BFL \
+                message:
+                    "this is a diffusers-format transformer; flux2-tuner loads the original BFL \
                           file (flux2-dev.safetensors, flux-2-klein-*.safetensors)"
-                    .into(),
+                        .into(),
             });
         }
         let hidden_size = dim("img_in.weight", 0)?;
@@ -137,7 +140,9 @@ impl DitConfig {
         if head_dim == 0 || hidden_size % head_dim != 0 {
             return Err(Error::InvalidConfig {
                 path: path.to_path_buf(),
-                message: format!("head dimension {head_dim} does not divide hidden size {hidden_size}"),
+                message: format!(
+                    "head dimension {head_dim} does not divide hidden size {hidden_size}"
+                ),
             });
         }
         let mlp_hidden_size = if depth > 0 {
@@ -187,7 +192,10 @@ impl DitConfig {
             for stream in ["img", "txt"] {
                 let p = format!("double_blocks.{i}.{stream}");
                 keys.push(KeySpec::new(format!("{p}_attn.qkv.weight"), &[3 * h, h]));
-                keys.push(KeySpec::new(format!("{p}_attn.norm.query_norm.scale"), &[hd]));
+                keys.push(KeySpec::new(
+                    format!("{p}_attn.norm.query_norm.scale"),
+                    &[hd],
+                ));
                 keys.push(KeySpec::new(format!("{p}_attn.norm.key_norm.scale"), &[hd]));
                 keys.push(KeySpec::new(format!("{p}_attn.proj.weight"), &[h, h]));
                 keys.push(KeySpec::new(format!("{p}_mlp.0.weight"), &[2 * m, h]));
@@ -196,7 +204,10 @@ impl DitConfig {
         }
         for i in 0..self.depth_single_blocks {
             let p = format!("single_blocks.{i}");
-            keys.push(KeySpec::new(format!("{p}.linear1.weight"), &[3 * h + 2 * m, h]));
+            keys.push(KeySpec::new(
+                format!("{p}.linear1.weight"),
+                &[3 * h + 2 * m, h],
+            ));
             keys.push(KeySpec::new(format!("{p}.linear2.weight"), &[h, h + m]));
             keys.push(KeySpec::new(format!("{p}.norm.query_norm.scale"), &[hd]));
             keys.push(KeySpec::new(format!("{p}.norm.key_norm.scale"), &[hd]));
@@ -224,8 +235,8 @@ fn read_overrides(weights: &Path) -> Result<ConfigOverrides> {
     if !file.exists() {
         return Ok(ConfigOverrides::default());
     }
-    let text =
-        std::fs::read_to_string(&file).map_err(|e| Error::io(&file, "cannot read DiT config", e))?;
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| Error::io(&file, "cannot read DiT config", e))?;
     serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
         path: file,
         message: format!("expected {{\"axes_dim\": [a, b, c, d], \"theta\": number}}: {e}"),

@@ -5,8 +5,8 @@ pub mod config;
 pub mod embeddings;
 pub mod model;
 pub mod tokens;
-pub mod writer;
 pub mod weights;
+pub mod writer;
 
 pub use config::{DitConfig, CONFIG_FILE_NAME};
 pub use model::{check_dit_checkpoint, DitInput, Flux2Dit};

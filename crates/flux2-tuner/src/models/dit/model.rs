@@ -52,7 +52,10 @@ pub struct Flux2Dit {
 
 /// Infers the configuration of `checkpoint`, checks it against `expected` and validates every key,
 /// shape and dtype. Reads headers only.
-pub fn check_dit_checkpoint(checkpoint: &Checkpoint, expected: Option<ModelVersion>) -> Result<DitConfig> {
+pub fn check_dit_checkpoint(
+    checkpoint: &Checkpoint,
+    expected: Option<ModelVersion>,
+) -> Result<DitConfig> {
     let config = DitConfig::infer(checkpoint)?;
     if let Some(expected) = expected {
         check_version(checkpoint, &config, expected)?;
@@ -61,7 +64,11 @@ pub fn check_dit_checkpoint(checkpoint: &Checkpoint, expected: Option<ModelVersi
     Ok(config)
 }
 
-fn check_version(checkpoint: &Checkpoint, config: &DitConfig, expected: ModelVersion) -> Result<()> {
+fn check_version(
+    checkpoint: &Checkpoint,
+    config: &DitConfig,
+    expected: ModelVersion,
+) -> Result<()> {
     let info = expected.info();
     if info.dit == *config {
         return Ok(());
@@ -131,14 +138,22 @@ impl Flux2Dit {
             } else {
                 None
             },
-            double_stream_modulation_img: Modulation::load(&weights, "double_stream_modulation_img")?,
-            double_stream_modulation_txt: Modulation::load(&weights, "double_stream_modulation_txt")?,
+            double_stream_modulation_img: Modulation::load(
+                &weights,
+                "double_stream_modulation_img",
+            )?,
+            double_stream_modulation_txt: Modulation::load(
+                &weights,
+                "double_stream_modulation_txt",
+            )?,
             single_stream_modulation: Modulation::load(&weights, "single_stream_modulation")?,
             double_blocks: (0..config.depth)
                 .map(|i| DoubleStreamBlock::load(&weights, &format!("double_blocks.{i}"), heads))
                 .collect::<Result<_>>()?,
             single_blocks: (0..config.depth_single_blocks)
-                .map(|i| SingleStreamBlock::load(&weights, &format!("single_blocks.{i}"), heads, hidden))
+                .map(|i| {
+                    SingleStreamBlock::load(&weights, &format!("single_blocks.{i}"), heads, hidden)
+                })
                 .collect::<Result<_>>()?,
             final_layer: LastLayer::load(&weights, "final_layer")?,
             config,
@@ -153,7 +168,9 @@ impl Flux2Dit {
             .forward(&timestep_embedding(timesteps, self.dtype)?)?;
         if let Some(embedder) = &self.guidance_in {
             let guidance = guidance.ok_or_else(|| {
-                Error::Shape("this model has a guidance embedding: a guidance value is required".into())
+                Error::Shape(
+                    "this model has a guidance embedding: a guidance value is required".into(),
+                )
             })?;
             vec = (vec + embedder.forward(&timestep_embedding(guidance, self.dtype)?)?)?;
         }
@@ -208,7 +225,10 @@ impl Flux2Dit {
                 "double_stream_modulation_txt.lin".into(),
                 &mut self.double_stream_modulation_txt.lin,
             ),
-            ("single_stream_modulation.lin".into(), &mut self.single_stream_modulation.lin),
+            (
+                "single_stream_modulation.lin".into(),
+                &mut self.single_stream_modulation.lin,
+            ),
             (
                 "final_layer.adaLN_modulation.1".into(),
                 &mut self.final_layer.ada_ln_modulation,

@@ -29,7 +29,13 @@ pub fn unpack_tokens(tokens: &Tensor, height: usize, width: usize) -> Result<Ten
 }
 
 /// Ids `(t, row, col, 0)` of an `h x w` image grid, row-major, repeated for the batch: `[b, h*w, 4]`.
-pub fn image_position_ids(batch: usize, height: usize, width: usize, t: i64, device: &Device) -> Result<Tensor> {
+pub fn image_position_ids(
+    batch: usize,
+    height: usize,
+    width: usize,
+    t: i64,
+    device: &Device,
+) -> Result<Tensor> {
     let mut ids = Vec::with_capacity(batch * height * width * 4);
     for _ in 0..batch {
         for row in 0..height {
@@ -59,14 +65,18 @@ mod tests {
     #[test]
     fn packing_is_row_major_and_reversible() -> Result<()> {
         let device = Device::Cpu;
-        let latents = Tensor::arange(0f32, 2.0 * 3.0 * 2.0 * 3.0, &device)?.reshape((2, 3, 2, 3))?;
+        let latents =
+            Tensor::arange(0f32, 2.0 * 3.0 * 2.0 * 3.0, &device)?.reshape((2, 3, 2, 3))?;
         let tokens = pack_latents(&latents)?;
         assert_eq!(tokens.dims(), &[2, 6, 3]);
         // Token (row 1, col 2) = index 5 holds channel c at latents[b, c, 1, 2].
         let token: Vec<f32> = tokens.get(0)?.get(5)?.to_vec1()?;
         assert_eq!(token, vec![5.0, 11.0, 17.0]);
         let back = unpack_tokens(&tokens, 2, 3)?;
-        assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, latents.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            back.flatten_all()?.to_vec1::<f32>()?,
+            latents.flatten_all()?.to_vec1::<f32>()?
+        );
         Ok(())
     }
 
@@ -76,7 +86,10 @@ mod tests {
         let ids: Vec<i64> = image_position_ids(1, 2, 2, reference_time_coordinate(1), &device)?
             .flatten_all()?
             .to_vec1()?;
-        assert_eq!(ids, vec![20, 0, 0, 0, 20, 0, 1, 0, 20, 1, 0, 0, 20, 1, 1, 0]);
+        assert_eq!(
+            ids,
+            vec![20, 0, 0, 0, 20, 0, 1, 0, 20, 1, 0, 0, 20, 1, 1, 0]
+        );
         let text: Vec<i64> = text_position_ids(1, 2, &device)?.flatten_all()?.to_vec1()?;
         assert_eq!(text, vec![0, 0, 0, 0, 0, 0, 0, 1]);
         Ok(())
