@@ -80,6 +80,9 @@ pub enum Error {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    #[error("{path}: {message}")]
+    Image { path: PathBuf, message: String },
 }
 
 /// Result with the library's [`Error`].
@@ -87,7 +90,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// An I/O error with the path it happened on and what was being done.
-    pub fn io(path: impl Into<PathBuf>, message: impl Into<String>, source: std::io::Error) -> Self {
+    pub fn io(
+        path: impl Into<PathBuf>,
+        message: impl Into<String>,
+        source: std::io::Error,
+    ) -> Self {
         Error::Io {
             path: path.into(),
             message: message.into(),

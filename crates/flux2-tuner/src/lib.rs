@@ -13,6 +13,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod image_io;
 pub mod lora;
 pub mod models;
 pub mod nn;

@@ -1,9 +1,13 @@
 //! A bias-free linear layer (FLUX.2 has no biases) that can carry LoRA adapters, applied either
 //! unmerged (extra low-rank matmuls) or merged into the weight.
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Tensor};
+use half::bf16;
+use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::nn::amx::{self, PackedB, Tiles, BLOCK_ROWS};
+use crate::nn::host::{is_plain_cpu, with_data, SharedOutput};
 
 /// A low-rank update `scale * up @ down` attached to a [`Linear`].
 #[derive(Debug, Clone)]
@@ -26,6 +30,66 @@ impl LoraAdapter {
 }
 
 /// `y = x W^T (+ LoRA)`; the weight is `[out, in]` as stored in the checkpoint.
+fn bf16_values(storage: &CpuStorage, offset: usize) -> Result<&[bf16]> {
+    match storage {
+        CpuStorage::BF16(values) => Ok(&values[offset..]),
+        _ => Err(Error::Shape("linear: expected bf16 data".into())),
+    }
+}
+
+/// `x W^T` on AMX tiles for bf16 inference (`x` `[rows, in]`, `W` `[out, in]`), or `None` where it
+/// does not apply (other dtype or device, a gradient to record, no AMX).
+///
+/// Computed as `(W x^T)^T`: the weight is the in-place left operand and only the activations are
+/// repacked, so no per-call copy of the weight is made.
+fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+    if x.dtype() != DType::BF16 || weight.dtype() != DType::BF16 || !is_plain_cpu(&[x, weight]) || !amx::available()
+    {
+        return Ok(None);
+    }
+    let (rows, in_features) = x.dims2()?;
+    let out_features = weight.dim(0)?;
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let mut y = vec![bf16::ZERO; rows * out_features];
+    let target = SharedOutput(y.as_mut_ptr());
+    with_data(&x, |xs, x_offset| {
+        with_data(&weight, |ws, w_offset| {
+            let (xs, ws) = (bf16_values(xs, x_offset)?, bf16_values(ws, w_offset)?);
+            // x^T as the right operand: element (i, r) = x[r, i].
+            let packed = PackedB::new(xs, in_features, rows, 1, in_features);
+            let depth = packed.padded_depth();
+            let width = packed.padded_columns();
+            (0..out_features.div_ceil(BLOCK_ROWS)).into_par_iter().for_each(|block| {
+                let Some(tiles) = Tiles::configure() else {
+                    return;
+                };
+                let first = block * BLOCK_ROWS;
+                let count = (out_features - first).min(BLOCK_ROWS);
+                let weight_rows = &ws[first * in_features..];
+                let padded;
+                let (a, lda) = if count == BLOCK_ROWS && depth == in_features {
+                    (weight_rows, in_features)
+                } else {
+                    padded = amx::padded_block(weight_rows, count, in_features, in_features, depth);
+                    (padded.as_slice(), depth)
+                };
+                let mut block_out = vec![0f32; BLOCK_ROWS * width];
+                tiles.multiply_row_block(a, lda, &packed, &mut block_out, width);
+                for r in 0..rows {
+                    for i in 0..count {
+                        // SAFETY: output features `first..first + count` belong to this task only.
+                        unsafe {
+                            target.write(r * out_features + first + i, bf16::from_f32(block_out[i * width + r]))
+                        };
+                    }
+                }
+            });
+            Ok(())
+        })
+    })?;
+    Ok(Some(Tensor::from_vec(y, (rows, out_features), x.device())?))
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
@@ -58,7 +122,10 @@ impl Linear {
         let rows = x.elem_count() / in_features.max(1);
         // Flattening to 2-D lets the GEMM run as one call instead of a batched broadcast.
         let x2 = x.reshape((rows, in_features))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = match amx_product(&x2, &self.weight)? {
+            Some(y) => y,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
         for adapter in &self.adapters {
             let xa = x2.to_dtype(adapter.down.dtype())?;
             let update = xa.matmul(&adapter.down.t()?)?.matmul(&adapter.up.t()?)?;

@@ -1,8 +1,12 @@
 //! Layers and tensor functions shared by the models.
 
+pub mod amx;
 pub mod attention;
+pub mod host;
 pub mod linear;
 pub mod norm;
 pub mod rope;
+pub mod softmax;
+pub mod trainable;
 
 pub use linear::{Linear, LoraAdapter};

@@ -11,7 +11,12 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     let width = x.dim(candle_core::D::Minus1)?;
     let ones = Tensor::ones(width, DType::F32, x.device())?;
     let zeros = Tensor::zeros(width, DType::F32, x.device())?;
-    Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, eps as f32)?)
+    Ok(candle_nn::ops::layer_norm(
+        &x.contiguous()?,
+        &ones,
+        &zeros,
+        eps as f32,
+    )?)
 }
 
 /// RMSNorm over the last axis: normalise in f32, round to `x`'s dtype, then multiply by `scale`

@@ -72,7 +72,12 @@ impl RopeTables {
 }
 
 /// Position ids on a device from host values `[b, l, axes]`.
-pub fn position_ids_tensor(values: Vec<i64>, batch: usize, length: usize, device: &Device) -> Result<Tensor> {
+pub fn position_ids_tensor(
+    values: Vec<i64>,
+    batch: usize,
+    length: usize,
+    device: &Device,
+) -> Result<Tensor> {
     Ok(Tensor::from_vec(values, (batch, length, 4), device)?)
 }
 

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
-use flux2_tuner::lora::{merge_all, LoraWeights};
+use flux2_tuner::lora::{linear_shapes, KeyFilter, LoraFile};
 use flux2_tuner::models::dit::{DitInput, Flux2Dit};
 use serde_json::Value;
 
@@ -32,11 +32,9 @@ pub fn load_dit(
         let multiplier = case["multiplier"]
             .as_f64()
             .ok_or("lora case has no multiplier")?;
-        let lora = LoraWeights::load(&set.dir.join(lora_file), &Device::Cpu)?;
-        lora.attach(dit.linears_mut(), multiplier)?;
-        if mode == LoraMode::Merged {
-            merge_all(dit.linears_mut())?;
-        }
+        let shapes = linear_shapes(&dit.linears_mut());
+        let lora = LoraFile::load(&set.dir.join(lora_file), &shapes, &KeyFilter::default(), &Device::Cpu)?;
+        lora.apply(dit.linears_mut(), multiplier, mode == LoraMode::Merged)?;
     }
     Ok(dit)
 }

@@ -1,0 +1,275 @@
+//! The AE's primitive layers: convolutions computed in horizontal strips (so that the im2col
+//! buffers, and the nearest-x2 upsampled input of an `Upsample`, never exist for a whole
+//! megapixel activation at once), GroupNorm with optional swish computed a few groups at a time,
+//! and the loader that reads them from a checkpoint in the compute dtype.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::Result;
+
+/// Bytes of convolution input (after any upsampling and padding) handled per strip. Large enough
+/// that strips keep many rows (halo overhead of a few percent), small enough to bound memory.
+const STRIP_INPUT_BYTES: usize = 48 << 20;
+
+/// Bytes of activation normalised per GroupNorm chunk.
+const NORM_CHUNK_BYTES: usize = 64 << 20;
+
+/// A checkpoint plus the device and dtype its tensors are loaded as.
+pub struct AeWeights<'a> {
+    pub checkpoint: &'a Checkpoint,
+    pub device: Device,
+    pub dtype: DType,
+    pub num_groups: usize,
+    pub group_norm_eps: f64,
+}
+
+impl AeWeights<'_> {
+    /// Loads `key` in the compute dtype.
+    pub fn tensor(&self, key: &str) -> Result<Tensor> {
+        self.checkpoint.load(key, self.dtype, &self.device)
+    }
+
+    /// Loads `key` in f32 (statistics that must keep full precision).
+    pub fn tensor_f32(&self, key: &str) -> Result<Tensor> {
+        self.checkpoint.load(key, DType::F32, &self.device)
+    }
+}
+
+/// Zero padding of a convolution input: rows above and below, columns left and right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Padding {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Padding {
+    /// The same padding on every side.
+    pub fn uniform(size: usize) -> Self {
+        Self {
+            top: size,
+            bottom: size,
+            left: size,
+            right: size,
+        }
+    }
+}
+
+/// A 2-D convolution with bias (`{prefix}.weight` [out, in, k, k], `{prefix}.bias` [out]).
+pub struct Conv2d {
+    /// In the dtype the kernel runs in (see `widened`).
+    weight: Tensor,
+    bias: Tensor,
+    /// The weight as a matrix [out, in] when the kernel is 1x1.
+    pointwise: Option<Tensor>,
+    /// The activation dtype when it differs from the kernel's: candle's CPU convolution has no
+    /// bf16 kernel, so bf16 weights (already rounded) and inputs are widened to f32, multiplied
+    /// with f32 accumulation (as GPU bf16 convolutions accumulate), and the output rounded back.
+    widened: Option<DType>,
+}
+
+impl Conv2d {
+    pub fn load(weights: &AeWeights, prefix: &str) -> Result<Self> {
+        let mut weight = weights.tensor(&format!("{prefix}.weight"))?;
+        let mut bias = weights.tensor(&format!("{prefix}.bias"))?;
+        let widened = if weights.device.is_cpu() && weights.dtype == DType::BF16 {
+            weight = weight.to_dtype(DType::F32)?;
+            bias = bias.to_dtype(DType::F32)?;
+            Some(weights.dtype)
+        } else {
+            None
+        };
+        let (out, input, kernel_h, kernel_w) = weight.dims4()?;
+        let pointwise = if kernel_h == 1 && kernel_w == 1 {
+            Some(weight.reshape((out, input))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            pointwise,
+            widened,
+        })
+    }
+
+    /// `x` in the kernel's dtype.
+    fn widen(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.to_dtype(self.weight.dtype())?)
+    }
+
+    /// `y` back in the activation dtype.
+    fn narrow_output(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match self.widened {
+            Some(dtype) => y.to_dtype(dtype)?,
+            None => y,
+        })
+    }
+
+    fn kernel_size(&self) -> usize {
+        self.weight.dim(2).unwrap_or(1)
+    }
+
+    /// A 1x1 convolution as one matrix product over the pixels.
+    pub fn forward_pointwise(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(matrix) = &self.pointwise else {
+            return self.forward(x, 1, Padding::uniform(self.kernel_size() / 2), false);
+        };
+        let (batch, channels, height, width) = x.dims4()?;
+        let out = matrix.dim(0)?;
+        let flat = self.widen(&x.reshape((batch, channels, height * width))?)?;
+        let y = matrix.broadcast_left(batch)?.matmul(&flat)?;
+        let y = y.broadcast_add(&self.bias.reshape((1, out, 1))?)?;
+        self.narrow_output(y.reshape((batch, out, height, width))?)
+    }
+
+    /// Convolves `x` (nearest-x2 upsampled first when `upsample`), zero-padded by `padding`, with
+    /// stride `stride`. Output rows are computed in strips that each read only the input rows
+    /// they need, so no full-size padded, upsampled or im2col copy of the input is made.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        stride: usize,
+        padding: Padding,
+        upsample: bool,
+    ) -> Result<Tensor> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let (out_channels, _, kernel, _) = self.weight.dims4()?;
+        let factor = if upsample { 2 } else { 1 };
+        let (in_height, in_width) = (height * factor, width * factor);
+        let padded_height = in_height + padding.top + padding.bottom;
+        let padded_width = in_width + padding.left + padding.right;
+        if padded_height < kernel || padded_width < kernel {
+            return Err(candle_core::Error::Msg(format!(
+                "convolution input {in_height}x{in_width} is smaller than its {kernel}x{kernel} kernel"
+            ))
+            .into());
+        }
+        let out_height = (padded_height - kernel) / stride + 1;
+        let out_width = (padded_width - kernel) / stride + 1;
+        let row_bytes =
+            batch * channels * padded_width * self.weight.dtype().size_in_bytes() * stride;
+        let rows_per_strip = (STRIP_INPUT_BYTES / row_bytes.max(1)).clamp(1, out_height);
+        let bias = self.bias.reshape((1, out_channels, 1, 1))?;
+        let mut output: Option<Tensor> = None;
+        let mut row = 0;
+        while row < out_height {
+            let rows = rows_per_strip.min(out_height - row);
+            // Rows of the padded input this strip reads, then the same in unpadded coordinates.
+            let first = (row * stride) as isize - padding.top as isize;
+            let last = ((row + rows - 1) * stride + kernel) as isize - padding.top as isize;
+            let start = first.max(0) as usize;
+            let end = (last.min(in_height as isize)).max(start as isize) as usize;
+            let above = (start as isize - first) as usize;
+            let below = (last - end as isize) as usize;
+            let strip = if upsample {
+                let source_start = start / 2;
+                let source_end = end.div_ceil(2).max(source_start + 1).min(height);
+                let source = x.narrow(2, source_start, source_end - source_start)?;
+                let doubled = source
+                    .contiguous()?
+                    .upsample_nearest2d((source_end - source_start) * 2, width * 2)?;
+                doubled.narrow(2, start - source_start * 2, end - start)?
+            } else {
+                x.narrow(2, start, end - start)?
+            };
+            let strip = self
+                .widen(&strip.pad_with_zeros(2, above, below)?.pad_with_zeros(
+                    3,
+                    padding.left,
+                    padding.right,
+                )?)?
+                .contiguous()?;
+            let y = strip
+                .conv2d(&self.weight, 0, stride, 1, 1)?
+                .broadcast_add(&bias)?;
+            let y = self.narrow_output(y)?;
+            if row == 0 && rows == out_height {
+                return Ok(y);
+            }
+            let target = match &output {
+                Some(target) => target,
+                None => output.insert(Tensor::zeros(
+                    (batch, out_channels, out_height, out_width),
+                    y.dtype(),
+                    x.device(),
+                )?),
+            };
+            target.slice_set(&y.contiguous()?, 2, row)?;
+            row += rows;
+        }
+        output.ok_or_else(|| candle_core::Error::Msg("convolution produced no rows".into()).into())
+    }
+}
+
+/// GroupNorm with affine weight and bias (`{prefix}.weight`, `{prefix}.bias`).
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(weights: &AeWeights, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            weight: weights.tensor_f32(&format!("{prefix}.weight"))?,
+            bias: weights.tensor_f32(&format!("{prefix}.bias"))?,
+            num_groups: weights.num_groups,
+            eps: weights.group_norm_eps,
+        })
+    }
+
+    /// Normalises `x` [b, c, h, w] per group (statistics in f32), then applies the affine
+    /// transform and, when `swish`, `x * sigmoid(x)`. Works a few groups at a time so that the
+    /// f32 temporaries stay small; the result has the dtype of `x`.
+    pub fn forward(&self, x: &Tensor, swish: bool) -> Result<Tensor> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let per_group = channels / self.num_groups;
+        let group_bytes = batch * per_group * height * width * 4;
+        let groups_per_chunk = (NORM_CHUNK_BYTES / group_bytes.max(1)).clamp(1, self.num_groups);
+        let mut output: Option<Tensor> = None;
+        let mut group = 0;
+        while group < self.num_groups {
+            let groups = groups_per_chunk.min(self.num_groups - group);
+            let chunk_channels = groups * per_group;
+            let first_channel = group * per_group;
+            let chunk = x
+                .narrow(1, first_channel, chunk_channels)?
+                .to_dtype(DType::F32)?
+                .reshape((batch, groups, per_group * height * width))?;
+            let mean = chunk.mean_keepdim(2)?;
+            let centered = chunk.broadcast_sub(&mean)?;
+            let variance = centered.sqr()?.mean_keepdim(2)?;
+            let normalised = centered
+                .broadcast_div(&(variance + self.eps)?.sqrt()?)?
+                .reshape((batch, chunk_channels, height, width))?;
+            let weight = self
+                .weight
+                .narrow(0, first_channel, chunk_channels)?
+                .reshape((1, chunk_channels, 1, 1))?;
+            let bias = self
+                .bias
+                .narrow(0, first_channel, chunk_channels)?
+                .reshape((1, chunk_channels, 1, 1))?;
+            let mut y = normalised.broadcast_mul(&weight)?.broadcast_add(&bias)?;
+            if swish {
+                y = y.silu()?;
+            }
+            let y = y.to_dtype(x.dtype())?;
+            if groups == self.num_groups {
+                return Ok(y);
+            }
+            let target = match &output {
+                Some(target) => target,
+                None => output.insert(Tensor::zeros(x.dims(), x.dtype(), x.device())?),
+            };
+            target.slice_set(&y, 1, first_channel)?;
+            group += groups;
+        }
+        output
+            .ok_or_else(|| candle_core::Error::Msg("group norm produced no channels".into()).into())
+    }
+}
