@@ -17,6 +17,9 @@ pub struct Cli {
 /// The jobs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Generate images (text to image, or editing with --control_image_path), as Musubi's
+    /// flux_2_generate_image.py.
+    Generate(Box<crate::generate::GenerateArgs>),
     /// Check a DiT checkpoint without running it: infers its configuration, checks every key,
     /// shape and dtype, and says which FLUX.2 version it is.
     Inspect(InspectArgs),

@@ -7,6 +7,9 @@ use clap::Parser;
 
 mod cli;
 mod commands;
+mod device;
+mod generate;
+mod progress;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

@@ -24,7 +24,9 @@ pub fn resize_to_bucket(image: &RgbImage, bucket: (u32, u32)) -> Result<RgbImage
     if bucket_width == 0 || bucket_height == 0 || width == 0 || height == 0 {
         return Err(Error::InvalidArgument {
             name: "bucket".into(),
-            message: format!("cannot resize a {width}x{height} image to {bucket_width}x{bucket_height}"),
+            message: format!(
+                "cannot resize a {width}x{height} image to {bucket_width}x{bucket_height}"
+            ),
         });
     }
     if (width, height) == bucket {
@@ -59,7 +61,11 @@ pub fn resize_to_bucket(image: &RgbImage, bucket: (u32, u32)) -> Result<RgbImage
 /// Musubi `BucketSelector.calculate_bucket_resolution`: the size of about `resolution`'s area with
 /// the image's aspect ratio, both sides multiples of `steps`; of the five widths around
 /// `sqrt(area * ar)` the first with the smallest aspect-ratio error wins.
-pub fn calculate_bucket_resolution(image_size: (u32, u32), resolution: (u32, u32), steps: u32) -> (u32, u32) {
+pub fn calculate_bucket_resolution(
+    image_size: (u32, u32),
+    resolution: (u32, u32),
+    steps: u32,
+) -> (u32, u32) {
     let max_area = resolution.0 as u64 * resolution.1 as u64;
     let aspect_ratio = image_size.0 as f64 / image_size.1 as f64;
     let bucket_width = divisible_by((max_area as f64 * aspect_ratio).sqrt() as u32, steps);

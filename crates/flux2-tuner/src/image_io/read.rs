@@ -38,8 +38,8 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage> {
     let orientation = decoder
         .orientation()
         .map_err(|e| image_error(path, "cannot read the EXIF orientation", e))?;
-    let mut image =
-        DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, "cannot decode image", e))?;
+    let mut image = DynamicImage::from_decoder(decoder)
+        .map_err(|e| image_error(path, "cannot decode image", e))?;
     image.apply_orientation(orientation);
     if image.width() == 0 || image.height() == 0 {
         return Err(Error::Image {

@@ -219,7 +219,10 @@ pub fn resize_area(image: &RgbImage, width: u32, height: u32) -> Option<RgbImage
         }
         if previous != Some(tap.target) {
             if let Some(done) = previous {
-                for (o, &s) in out[done * row_len..(done + 1) * row_len].iter_mut().zip(&sum) {
+                for (o, &s) in out[done * row_len..(done + 1) * row_len]
+                    .iter_mut()
+                    .zip(&sum)
+                {
                     *o = round_u8(s);
                 }
             }
@@ -234,7 +237,10 @@ pub fn resize_area(image: &RgbImage, width: u32, height: u32) -> Option<RgbImage
         }
     }
     if let Some(done) = previous {
-        for (o, &s) in out[done * row_len..(done + 1) * row_len].iter_mut().zip(&sum) {
+        for (o, &s) in out[done * row_len..(done + 1) * row_len]
+            .iter_mut()
+            .zip(&sum)
+        {
             *o = round_u8(s);
         }
     }

@@ -9,7 +9,11 @@ use crate::error::{Error, Result};
 /// An RGB image to a [1, 3, H, W] f32 tensor in [-1, 1].
 pub fn image_to_tensor(image: &RgbImage, device: &Device) -> Result<Tensor> {
     let (width, height) = (image.width() as usize, image.height() as usize);
-    let values: Vec<f32> = image.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+    let values: Vec<f32> = image
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 127.5 - 1.0)
+        .collect();
     let tensor = Tensor::from_vec(values, (height, width, 3), &Device::Cpu)?
         .permute((2, 0, 1))?
         .unsqueeze(0)?

@@ -11,7 +11,10 @@ use crate::error::{Error, Result};
 /// the text is Latin-1, `iTXt` (UTF-8) otherwise. The file appears complete or not at all.
 pub fn write_png(path: &Path, image: &RgbImage, text: &[(String, String)]) -> Result<()> {
     for (keyword, _) in text {
-        if keyword.is_empty() || keyword.len() > 79 || !keyword.chars().all(|c| (' '..='~').contains(&c)) {
+        if keyword.is_empty()
+            || keyword.len() > 79
+            || !keyword.chars().all(|c| (' '..='~').contains(&c))
+        {
             return Err(Error::Image {
                 path: path.to_path_buf(),
                 message: format!(

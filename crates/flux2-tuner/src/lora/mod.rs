@@ -30,7 +30,11 @@ pub fn musubi_module_name(module_path: &str) -> String {
 #[derive(Debug, Clone)]
 pub enum ModuleUpdate {
     /// `factor * up @ down` (factor = alpha / rank); applied unmerged or merged.
-    LowRank { down: Tensor, up: Tensor, factor: f64 },
+    LowRank {
+        down: Tensor,
+        up: Tensor,
+        factor: f64,
+    },
     /// A dense `[out, in]` update (LoHa, LoKr), always merged.
     Dense(Tensor),
 }
@@ -80,7 +84,12 @@ impl LoraFile {
     /// Reads a LoRA file of any supported format and maps it onto `module_paths` (the model's BFL
     /// linear paths). A module that matches nothing, or whose shapes do not fit, is an error: the
     /// file was made for another model or version.
-    pub fn load(path: &Path, module_shapes: &[(String, [usize; 2])], filter: &KeyFilter, device: &Device) -> Result<Self> {
+    pub fn load(
+        path: &Path,
+        module_shapes: &[(String, [usize; 2])],
+        filter: &KeyFilter,
+        device: &Device,
+    ) -> Result<Self> {
         let checkpoint = Checkpoint::open(path)?;
         let invalid = |module: &str, message: String| Error::InvalidLora {
             path: path.to_path_buf(),
@@ -99,7 +108,10 @@ impl LoraFile {
                 if key.ends_with(".lokr_w2_b") {
                     let module = key.trim_end_matches(".lokr_w2_b");
                     let tensor = checkpoint.load(key, DType::F32, device)?;
-                    modules.entry(module.to_string()).or_default().insert("lokr_w2_b", tensor);
+                    modules
+                        .entry(module.to_string())
+                        .or_default()
+                        .insert("lokr_w2_b", tensor);
                     continue;
                 }
                 return Err(invalid(
@@ -111,21 +123,33 @@ impl LoraFile {
                 ));
             };
             let tensor = checkpoint.load(key, DType::F32, device)?;
-            modules.entry(module.to_string()).or_default().insert(part, tensor);
+            modules
+                .entry(module.to_string())
+                .or_default()
+                .insert(part, tensor);
         }
         let paths: Vec<String> = module_shapes.iter().map(|(p, _)| p.clone()).collect();
-        let shapes: BTreeMap<&str, [usize; 2]> =
-            module_shapes.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+        let shapes: BTreeMap<&str, [usize; 2]> = module_shapes
+            .iter()
+            .map(|(p, s)| (p.as_str(), *s))
+            .collect();
         let resolver = NameResolver::new(&paths);
         // Split q/k/v parts are gathered per fused module before combining.
         let mut split_parts: BTreeMap<String, [Option<(Tensor, Tensor, f64)>; 3]> = BTreeMap::new();
         let mut updates = BTreeMap::new();
         for (name, parts) in &modules {
             let target = resolver.resolve(name).ok_or_else(|| {
-                invalid(name, "matches no layer of this model (a LoRA for another model?)".into())
+                invalid(
+                    name,
+                    "matches no layer of this model (a LoRA for another model?)".into(),
+                )
             })?;
             let [out_features, in_features] = shapes[target.module.as_str()];
-            let part_rows = if target.part.is_some() { out_features / 3 } else { out_features };
+            let part_rows = if target.part.is_some() {
+                out_features / 3
+            } else {
+                out_features
+            };
             let update = module_update(parts).map_err(|m| invalid(name, m))?;
             let (rows, cols) = match &update {
                 ModuleUpdate::LowRank { down, up, .. } => (up.dims()[0], down.dims()[1]),
@@ -141,13 +165,21 @@ impl LoraFile {
                     ),
                 ));
             }
-            let update = if target.swap_halves { swap_row_halves(update)? } else { update };
+            let update = if target.swap_halves {
+                swap_row_halves(update)?
+            } else {
+                update
+            };
             match (target.part, update) {
                 (Some(part), ModuleUpdate::LowRank { down, up, factor }) => {
-                    split_parts.entry(target.module.clone()).or_default()[part] = Some((down, up, factor));
+                    split_parts.entry(target.module.clone()).or_default()[part] =
+                        Some((down, up, factor));
                 }
                 (Some(_), ModuleUpdate::Dense(_)) => {
-                    return Err(invalid(name, "LyCORIS updates on split q/k/v are not supported".into()))
+                    return Err(invalid(
+                        name,
+                        "LyCORIS updates on split q/k/v are not supported".into(),
+                    ))
                 }
                 (None, update) => {
                     updates.insert(target.module.clone(), update);
@@ -156,7 +188,10 @@ impl LoraFile {
         }
         for (module, parts) in split_parts {
             let [out_features, in_features] = shapes[module.as_str()];
-            updates.insert(module, fuse_split_qkv(&parts, out_features / 3, in_features, device)?);
+            updates.insert(
+                module,
+                fuse_split_qkv(&parts, out_features / 3, in_features, device)?,
+            );
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -166,7 +201,12 @@ impl LoraFile {
 
     /// Applies the updates with `multiplier`: low-rank ones as adapters (merged into the weights
     /// when `merge` is set), dense ones always merged.
-    pub fn apply(&self, linears: Vec<(String, &mut Linear)>, multiplier: f64, merge: bool) -> Result<usize> {
+    pub fn apply(
+        &self,
+        linears: Vec<(String, &mut Linear)>,
+        multiplier: f64,
+        merge: bool,
+    ) -> Result<usize> {
         let mut by_path: BTreeMap<String, &mut Linear> = linears.into_iter().collect();
         for (module, update) in &self.updates {
             let linear = by_path.get_mut(module).ok_or_else(|| Error::InvalidLora {
@@ -197,12 +237,21 @@ impl LoraFile {
 }
 
 fn scalar(tensor: &Tensor) -> Result<f64> {
-    Ok(tensor.flatten_all()?.to_vec1::<f32>()?.first().copied().unwrap_or(0.0) as f64)
+    Ok(tensor
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .first()
+        .copied()
+        .unwrap_or(0.0) as f64)
 }
 
 /// Builds the update of one module from its parts.
 fn module_update(parts: &Parts) -> std::result::Result<ModuleUpdate, String> {
-    let alpha = parts.get("alpha").map(scalar).transpose().map_err(|e| e.to_string())?;
+    let alpha = parts
+        .get("alpha")
+        .map(scalar)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let err = |e: crate::error::Error| e.to_string();
     if let (Some(down), Some(up)) = (parts.get("down"), parts.get("up")) {
         if down.rank() != 2 || up.rank() != 2 || up.dims()[1] != down.dims()[0] {
@@ -223,7 +272,10 @@ fn module_update(parts: &Parts) -> std::result::Result<ModuleUpdate, String> {
         let (a, b) = (parts.get(a)?, parts.get(b)?);
         Some(a.matmul(b).map_err(|e| e.to_string()))
     };
-    if let (Some(w1), Some(w2)) = (product("hada_w1_a", "hada_w1_b"), product("hada_w2_a", "hada_w2_b")) {
+    if let (Some(w1), Some(w2)) = (
+        product("hada_w1_a", "hada_w1_b"),
+        product("hada_w2_a", "hada_w2_b"),
+    ) {
         // LoHa: (w1a w1b) * (w2a w2b) * alpha / rank (rank = columns of w1a).
         let rank = parts["hada_w1_a"].dims()[1] as f64;
         let delta = (w1? * w2?).map_err(|e| e.to_string())?;
@@ -273,7 +325,10 @@ fn kronecker(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 fn swap_row_halves(update: ModuleUpdate) -> Result<ModuleUpdate> {
     let swap = |t: &Tensor| -> Result<Tensor> {
         let half = t.dims()[0] / 2;
-        Ok(Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?)
+        Ok(Tensor::cat(
+            &[t.narrow(0, half, half)?, t.narrow(0, 0, half)?],
+            0,
+        )?)
     };
     Ok(match update {
         ModuleUpdate::LowRank { down, up, factor } => ModuleUpdate::LowRank {
@@ -305,7 +360,8 @@ fn fuse_split_qkv(
                 downs.push(down.clone());
                 let scaled = (up * *factor)?;
                 let left = Tensor::zeros((part_rows, column), DType::F32, device)?;
-                let right = Tensor::zeros((part_rows, total_rank - column - rank), DType::F32, device)?;
+                let right =
+                    Tensor::zeros((part_rows, total_rank - column - rank), DType::F32, device)?;
                 up_rows.push(Tensor::cat(&[&left, &scaled, &right], 1)?);
                 column += rank;
             }

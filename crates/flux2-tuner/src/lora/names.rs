@@ -27,21 +27,49 @@ pub fn diffusers_names(bfl: &str) -> Vec<(String, Option<usize>, bool)> {
             names
                 .iter()
                 .enumerate()
-                .map(|(part, n)| (format!("transformer_blocks.{i}.attn.{n}"), Some(part), false))
+                .map(|(part, n)| {
+                    (
+                        format!("transformer_blocks.{i}.attn.{n}"),
+                        Some(part),
+                        false,
+                    )
+                })
                 .collect()
         }
-        ["double_blocks", i, "img_attn", "proj"] => single(format!("transformer_blocks.{i}.attn.to_out.0")),
-        ["double_blocks", i, "txt_attn", "proj"] => single(format!("transformer_blocks.{i}.attn.to_add_out")),
-        ["double_blocks", i, "img_mlp", "0"] => single(format!("transformer_blocks.{i}.ff.linear_in")),
-        ["double_blocks", i, "img_mlp", "2"] => single(format!("transformer_blocks.{i}.ff.linear_out")),
-        ["double_blocks", i, "txt_mlp", "0"] => single(format!("transformer_blocks.{i}.ff_context.linear_in")),
-        ["double_blocks", i, "txt_mlp", "2"] => single(format!("transformer_blocks.{i}.ff_context.linear_out")),
-        ["single_blocks", j, "linear1"] => single(format!("single_transformer_blocks.{j}.attn.to_qkv_mlp_proj")),
-        ["single_blocks", j, "linear2"] => single(format!("single_transformer_blocks.{j}.attn.to_out")),
+        ["double_blocks", i, "img_attn", "proj"] => {
+            single(format!("transformer_blocks.{i}.attn.to_out.0"))
+        }
+        ["double_blocks", i, "txt_attn", "proj"] => {
+            single(format!("transformer_blocks.{i}.attn.to_add_out"))
+        }
+        ["double_blocks", i, "img_mlp", "0"] => {
+            single(format!("transformer_blocks.{i}.ff.linear_in"))
+        }
+        ["double_blocks", i, "img_mlp", "2"] => {
+            single(format!("transformer_blocks.{i}.ff.linear_out"))
+        }
+        ["double_blocks", i, "txt_mlp", "0"] => {
+            single(format!("transformer_blocks.{i}.ff_context.linear_in"))
+        }
+        ["double_blocks", i, "txt_mlp", "2"] => {
+            single(format!("transformer_blocks.{i}.ff_context.linear_out"))
+        }
+        ["single_blocks", j, "linear1"] => single(format!(
+            "single_transformer_blocks.{j}.attn.to_qkv_mlp_proj"
+        )),
+        ["single_blocks", j, "linear2"] => {
+            single(format!("single_transformer_blocks.{j}.attn.to_out"))
+        }
         ["img_in"] => single("x_embedder".into()),
         ["txt_in"] => single("context_embedder".into()),
-        ["time_in", layer] => single(format!("time_guidance_embed.timestep_embedder.{}", linear_index(layer))),
-        ["guidance_in", layer] => single(format!("time_guidance_embed.guidance_embedder.{}", linear_index(layer))),
+        ["time_in", layer] => single(format!(
+            "time_guidance_embed.timestep_embedder.{}",
+            linear_index(layer)
+        )),
+        ["guidance_in", layer] => single(format!(
+            "time_guidance_embed.guidance_embedder.{}",
+            linear_index(layer)
+        )),
         [modulation, "lin"] => single(format!("{modulation}.linear")),
         ["final_layer", "linear"] => single("proj_out".into()),
         ["final_layer", "adaLN_modulation", "1"] => vec![("norm_out.linear".into(), None, true)],
@@ -131,18 +159,37 @@ mod tests {
             part: None,
             swap_halves: false,
         };
-        assert_eq!(r.resolve("lora_unet_double_blocks_3_img_attn_qkv"), Some(fused("double_blocks.3.img_attn.qkv")));
-        assert_eq!(r.resolve("diffusion_model.single_blocks.7.linear1"), Some(fused("single_blocks.7.linear1")));
+        assert_eq!(
+            r.resolve("lora_unet_double_blocks_3_img_attn_qkv"),
+            Some(fused("double_blocks.3.img_attn.qkv"))
+        );
+        assert_eq!(
+            r.resolve("diffusion_model.single_blocks.7.linear1"),
+            Some(fused("single_blocks.7.linear1"))
+        );
         assert_eq!(
             r.resolve("transformer.single_transformer_blocks.7.attn.to_qkv_mlp_proj"),
             Some(fused("single_blocks.7.linear1"))
         );
-        assert_eq!(r.resolve("transformer.transformer_blocks.3.attn.to_add_out"), Some(fused("double_blocks.3.txt_attn.proj")));
-        let k = r.resolve("transformer.transformer_blocks.3.attn.to_k").unwrap();
-        assert_eq!((k.module.as_str(), k.part), ("double_blocks.3.img_attn.qkv", Some(1)));
+        assert_eq!(
+            r.resolve("transformer.transformer_blocks.3.attn.to_add_out"),
+            Some(fused("double_blocks.3.txt_attn.proj"))
+        );
+        let k = r
+            .resolve("transformer.transformer_blocks.3.attn.to_k")
+            .unwrap();
+        assert_eq!(
+            (k.module.as_str(), k.part),
+            ("double_blocks.3.img_attn.qkv", Some(1))
+        );
         let norm = r.resolve("transformer.norm_out.linear").unwrap();
         assert!(norm.swap_halves);
-        assert_eq!(r.resolve("lycoris_transformer_blocks_3_attn_to_v").unwrap().part, Some(2));
+        assert_eq!(
+            r.resolve("lycoris_transformer_blocks_3_attn_to_v")
+                .unwrap()
+                .part,
+            Some(2)
+        );
         assert_eq!(r.resolve("lora_unet_double_blocks_9_img_attn_qkv"), None);
     }
 }

@@ -165,11 +165,22 @@ impl Tiles {
     /// # Panics
     /// When `a` holds fewer than `31 * lda + b.padded_depth()` values or `out` fewer than
     /// `31 * out_stride + b.padded_columns()`.
-    pub fn multiply_row_block(&self, a: &[bf16], lda: usize, b: &PackedB, out: &mut [f32], out_stride: usize) {
+    pub fn multiply_row_block(
+        &self,
+        a: &[bf16],
+        lda: usize,
+        b: &PackedB,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
         let depth = b.padded_depth();
-        assert!(lda >= depth && a.len() >= (BLOCK_ROWS - 1) * lda + depth, "A block too short");
         assert!(
-            out_stride >= b.padded_columns() && out.len() >= (BLOCK_ROWS - 1) * out_stride + b.padded_columns(),
+            lda >= depth && a.len() >= (BLOCK_ROWS - 1) * lda + depth,
+            "A block too short"
+        );
+        assert!(
+            out_stride >= b.padded_columns()
+                && out.len() >= (BLOCK_ROWS - 1) * out_stride + b.padded_columns(),
             "C block too short"
         );
         let a_top = a.as_ptr();
@@ -187,7 +198,13 @@ impl Tiles {
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 let c_bottom = c_top.add(TILE_ROWS * out_stride);
-                std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
+                std::arch::asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack)
+                );
                 for d in 0..b.depth_blocks {
                     std::arch::asm!(
                         "tileloadd tmm4, [{a0} + {sa}*1]",
@@ -236,10 +253,17 @@ impl Drop for Tiles {
 
 /// Copies `rows` rows of `width` values (row stride `stride`) into a zeroed `[32, padded_width]`
 /// block, for row blocks that are short or whose width is not a multiple of 32.
-pub fn padded_block(source: &[bf16], rows: usize, width: usize, stride: usize, padded_width: usize) -> Vec<bf16> {
+pub fn padded_block(
+    source: &[bf16],
+    rows: usize,
+    width: usize,
+    stride: usize,
+    padded_width: usize,
+) -> Vec<bf16> {
     let mut block = vec![bf16::ZERO; BLOCK_ROWS * padded_width];
     for r in 0..rows.min(BLOCK_ROWS) {
-        block[r * padded_width..r * padded_width + width].copy_from_slice(&source[r * stride..r * stride + width]);
+        block[r * padded_width..r * padded_width + width]
+            .copy_from_slice(&source[r * stride..r * stride + width]);
     }
     block
 }
@@ -266,12 +290,23 @@ mod tests {
         let packed = PackedB::new(&b, k, n, 1, k);
         let a_block = padded_block(&a, m, k, k, packed.padded_depth());
         let mut out = vec![0f32; BLOCK_ROWS * packed.padded_columns()];
-        tiles.multiply_row_block(&a_block, packed.padded_depth(), &packed, &mut out, packed.padded_columns());
+        tiles.multiply_row_block(
+            &a_block,
+            packed.padded_depth(),
+            &packed,
+            &mut out,
+            packed.padded_columns(),
+        );
         for r in 0..m {
             for c in 0..n {
-                let exact: f64 = (0..k).map(|i| a[r * k + i].to_f64() * b[c * k + i].to_f64()).sum();
+                let exact: f64 = (0..k)
+                    .map(|i| a[r * k + i].to_f64() * b[c * k + i].to_f64())
+                    .sum();
                 let got = out[r * packed.padded_columns() + c] as f64;
-                assert!((got - exact).abs() < 1e-4 * (1.0 + exact.abs()), "({r}, {c}): {got} vs {exact}");
+                assert!(
+                    (got - exact).abs() < 1e-4 * (1.0 + exact.abs()),
+                    "({r}, {c}): {got} vs {exact}"
+                );
             }
         }
     }

@@ -43,7 +43,10 @@ fn bf16_values(storage: &CpuStorage, offset: usize) -> Result<&[bf16]> {
 /// Computed as `(W x^T)^T`: the weight is the in-place left operand and only the activations are
 /// repacked, so no per-call copy of the weight is made.
 fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
-    if x.dtype() != DType::BF16 || weight.dtype() != DType::BF16 || !is_plain_cpu(&[x, weight]) || !amx::available()
+    if x.dtype() != DType::BF16
+        || weight.dtype() != DType::BF16
+        || !is_plain_cpu(&[x, weight])
+        || !amx::available()
     {
         return Ok(None);
     }
@@ -59,31 +62,37 @@ fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
             let packed = PackedB::new(xs, in_features, rows, 1, in_features);
             let depth = packed.padded_depth();
             let width = packed.padded_columns();
-            (0..out_features.div_ceil(BLOCK_ROWS)).into_par_iter().for_each(|block| {
-                let Some(tiles) = Tiles::configure() else {
-                    return;
-                };
-                let first = block * BLOCK_ROWS;
-                let count = (out_features - first).min(BLOCK_ROWS);
-                let weight_rows = &ws[first * in_features..];
-                let padded;
-                let (a, lda) = if count == BLOCK_ROWS && depth == in_features {
-                    (weight_rows, in_features)
-                } else {
-                    padded = amx::padded_block(weight_rows, count, in_features, in_features, depth);
-                    (padded.as_slice(), depth)
-                };
-                let mut block_out = vec![0f32; BLOCK_ROWS * width];
-                tiles.multiply_row_block(a, lda, &packed, &mut block_out, width);
-                for r in 0..rows {
-                    for i in 0..count {
-                        // SAFETY: output features `first..first + count` belong to this task only.
-                        unsafe {
-                            target.write(r * out_features + first + i, bf16::from_f32(block_out[i * width + r]))
-                        };
+            (0..out_features.div_ceil(BLOCK_ROWS))
+                .into_par_iter()
+                .for_each(|block| {
+                    let Some(tiles) = Tiles::configure() else {
+                        return;
+                    };
+                    let first = block * BLOCK_ROWS;
+                    let count = (out_features - first).min(BLOCK_ROWS);
+                    let weight_rows = &ws[first * in_features..];
+                    let padded;
+                    let (a, lda) = if count == BLOCK_ROWS && depth == in_features {
+                        (weight_rows, in_features)
+                    } else {
+                        padded =
+                            amx::padded_block(weight_rows, count, in_features, in_features, depth);
+                        (padded.as_slice(), depth)
+                    };
+                    let mut block_out = vec![0f32; BLOCK_ROWS * width];
+                    tiles.multiply_row_block(a, lda, &packed, &mut block_out, width);
+                    for r in 0..rows {
+                        for i in 0..count {
+                            // SAFETY: output features `first..first + count` belong to this task only.
+                            unsafe {
+                                target.write(
+                                    r * out_features + first + i,
+                                    bf16::from_f32(block_out[i * width + r]),
+                                )
+                            };
+                        }
                     }
-                }
-            });
+                });
             Ok(())
         })
     })?;

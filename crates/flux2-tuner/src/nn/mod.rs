@@ -2,6 +2,7 @@
 
 pub mod amx;
 pub mod attention;
+pub mod fused;
 pub mod host;
 pub mod linear;
 pub mod norm;

@@ -4,6 +4,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
+use crate::nn::fused;
+use crate::nn::host::is_plain_cpu;
 
 /// LayerNorm over the last axis without weight or bias, in f32. Returns f32.
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -35,6 +37,9 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
 /// # Shapes
 /// `x`: `[b, l, c]`; `shift`, `scale`: `[b, 1, c]` (f32).
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype && is_plain_cpu(&[x, shift, scale]) {
+        return fused::modulate(x, shift, scale, 1e-6);
+    }
     let normalised = layer_norm(x, 1e-6)?;
     let scaled = normalised.broadcast_mul(&(scale + 1.0)?)?;
     Ok(scaled.broadcast_add(shift)?.to_dtype(dtype)?)

@@ -75,17 +75,18 @@ pub fn denoise(
             Some(reference) => Tensor::cat(&[&latents, &reference.to_dtype(DType::F32)?], 1)?,
             None => latents.clone(),
         };
-        let predict = |text: &Tensor, text_ids: &Tensor, guidance: Option<&Tensor>| -> Result<Tensor> {
-            let output = dit.forward(&DitInput {
-                image_tokens: &model_tokens,
-                image_position_ids: &model_ids,
-                text_embeddings: text,
-                text_position_ids: text_ids,
-                timesteps: &timesteps,
-                guidance,
-            })?;
-            Ok(output.narrow(1, 0, image_tokens)?)
-        };
+        let predict =
+            |text: &Tensor, text_ids: &Tensor, guidance: Option<&Tensor>| -> Result<Tensor> {
+                let output = dit.forward(&DitInput {
+                    image_tokens: &model_tokens,
+                    image_position_ids: &model_ids,
+                    text_embeddings: text,
+                    text_position_ids: text_ids,
+                    timesteps: &timesteps,
+                    guidance,
+                })?;
+                Ok(output.narrow(1, 0, image_tokens)?)
+            };
         let velocity = match inputs.guidance {
             Guidance::Embedded(value) => {
                 let guidance = Tensor::full(value, batch, device)?;

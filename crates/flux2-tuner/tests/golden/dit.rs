@@ -33,7 +33,12 @@ pub fn load_dit(
             .as_f64()
             .ok_or("lora case has no multiplier")?;
         let shapes = linear_shapes(&dit.linears_mut());
-        let lora = LoraFile::load(&set.dir.join(lora_file), &shapes, &KeyFilter::default(), &Device::Cpu)?;
+        let lora = LoraFile::load(
+            &set.dir.join(lora_file),
+            &shapes,
+            &KeyFilter::default(),
+            &Device::Cpu,
+        )?;
         lora.apply(dit.linears_mut(), multiplier, mode == LoraMode::Merged)?;
     }
     Ok(dit)

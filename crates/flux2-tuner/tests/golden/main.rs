@@ -111,7 +111,9 @@ fn run_sample(set: &FixtureSet, variant: &Value, case: &Value, id: &str, report:
         report.check(&label, result.latents_error, tol);
         if dtype == DType::F32 {
             let label = format!("{id}@decoded");
-            match tolerance(case, &["f32", "decoded"]).and_then(|tol| Ok((sample::decoded_error(set, case, &result)?, tol))) {
+            match tolerance(case, &["f32", "decoded"])
+                .and_then(|tol| Ok((sample::decoded_error(set, case, &result)?, tol)))
+            {
                 Ok((error, tol)) => report.check(&label, error, tol),
                 Err(e) => report.error(&label, &e.to_string()),
             }

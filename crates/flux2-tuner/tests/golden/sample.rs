@@ -12,8 +12,12 @@ use crate::fixtures::{relative_error, FixtureSet, Result};
 
 /// Loads `{file, key}` conditioning named by a case.
 fn conditioning(set: &FixtureSet, source: &Value) -> Result<Tensor> {
-    let file = source["file"].as_str().ok_or("conditioning source has no file")?;
-    let key = source["key"].as_str().ok_or("conditioning source has no key")?;
+    let file = source["file"]
+        .as_str()
+        .ok_or("conditioning source has no file")?;
+    let key = source["key"]
+        .as_str()
+        .ok_or("conditioning source has no key")?;
     set.tensors(file)?.f32(key)
 }
 
@@ -37,7 +41,9 @@ pub fn run(set: &FixtureSet, variant: &Value, case: &Value, dtype: DType) -> Res
         Some(source) if !source.is_null() => Some(conditioning(set, source)?),
         _ => None,
     };
-    let scale = case["guidance_scale"].as_f64().ok_or("case has no guidance_scale")? as f32;
+    let scale = case["guidance_scale"]
+        .as_f64()
+        .ok_or("case has no guidance_scale")? as f32;
     let guidance = match (&negative, case["cfg"].as_bool().unwrap_or(false)) {
         (Some(negative), true) => Guidance::ClassifierFree {
             scale,
@@ -73,15 +79,25 @@ pub fn run(set: &FixtureSet, variant: &Value, case: &Value, dtype: DType) -> Res
     let actual = Tensor::stack(&per_step, 0)?;
     Ok(SampleResult {
         latents_error: relative_error(&actual, &expected)?,
-        final_latents: flux2_tuner::models::dit::tokens::unpack_tokens(&final_tokens, height, width)?,
+        final_latents: flux2_tuner::models::dit::tokens::unpack_tokens(
+            &final_tokens,
+            height,
+            width,
+        )?,
     })
 }
 
 /// Decodes the final latents with the fixture set's AE (f32) and compares with `decoded`.
 pub fn decoded_error(set: &FixtureSet, case: &Value, result: &SampleResult) -> Result<f64> {
-    let file = set.manifest["ae"]["file"].as_str().ok_or("manifest has no ae.file")?;
+    let file = set.manifest["ae"]["file"]
+        .as_str()
+        .ok_or("manifest has no ae.file")?;
     let checkpoint = flux2_tuner::checkpoint::Checkpoint::open(&set.dir.join(file))?;
-    let ae = flux2_tuner::models::ae::AutoEncoder::load(&checkpoint, DType::F32, &candle_core::Device::Cpu)?;
+    let ae = flux2_tuner::models::ae::AutoEncoder::load(
+        &checkpoint,
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
     let decoded = ae.decode(&result.final_latents)?;
     let tensors = set.tensors(case["file"].as_str().ok_or("case has no file")?)?;
     relative_error(&decoded, &tensors.f32("decoded")?)

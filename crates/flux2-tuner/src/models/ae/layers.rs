@@ -64,6 +64,8 @@ pub struct Conv2d {
     bias: Tensor,
     /// The weight as a matrix [out, in] when the kernel is 1x1.
     pointwise: Option<Tensor>,
+    /// The weight of each kernel tap (ky, kx) as a contiguous matrix [out, in], row-major taps.
+    taps: Vec<Tensor>,
     /// The activation dtype when it differs from the kernel's: candle's CPU convolution has no
     /// bf16 kernel, so bf16 weights (already rounded) and inputs are widened to f32, multiplied
     /// with f32 accumulation (as GPU bf16 convolutions accumulate), and the output rounded back.
@@ -87,10 +89,23 @@ impl Conv2d {
         } else {
             None
         };
+        let mut taps = Vec::with_capacity(kernel_h * kernel_w);
+        for ky in 0..kernel_h {
+            for kx in 0..kernel_w {
+                taps.push(
+                    weight
+                        .narrow(2, ky, 1)?
+                        .narrow(3, kx, 1)?
+                        .reshape((out, input))?
+                        .contiguous()?,
+                );
+            }
+        }
         Ok(Self {
             weight,
             bias,
             pointwise,
+            taps,
             widened,
         })
     }
@@ -123,6 +138,38 @@ impl Conv2d {
         let y = matrix.broadcast_left(batch)?.matmul(&flat)?;
         let y = y.broadcast_add(&self.bias.reshape((1, out, 1))?)?;
         self.narrow_output(y.reshape((batch, out, height, width))?)
+    }
+
+    /// A stride-1 convolution of an already padded strip [b, c, rows + k - 1, width + k - 1] as a
+    /// sum of k*k matrix products, one per kernel tap: over the flattened padded strip, the
+    /// input of tap (ky, kx) is the contiguous run starting at `ky * padded_width + kx`, so no
+    /// im2col copy is made. Outputs are computed on the padded width and the k - 1 extra columns
+    /// per row dropped at the end.
+    fn shifted_products(&self, strip: &Tensor, rows: usize, width: usize) -> Result<Tensor> {
+        let (batch, channels, padded_rows, padded_width) = strip.dims4()?;
+        let (out_channels, _, kernel, _) = self.weight.dims4()?;
+        let flat = strip.reshape((batch, channels, padded_rows * padded_width))?;
+        let length = rows * padded_width - (kernel - 1);
+        let mut sum: Option<Tensor> = None;
+        for ky in 0..kernel {
+            for kx in 0..kernel {
+                let tap = self
+                    .taps
+                    .get(ky * kernel + kx)
+                    .ok_or_else(|| candle_core::Error::Msg("convolution taps missing".into()))?;
+                let input = flat.narrow(2, ky * padded_width + kx, length)?;
+                let product = tap.broadcast_left(batch)?.matmul(&input)?;
+                sum = Some(match sum {
+                    Some(sum) => (sum + product)?,
+                    None => product,
+                });
+            }
+        }
+        let sum = sum.ok_or_else(|| candle_core::Error::Msg("empty convolution kernel".into()))?;
+        Ok(sum
+            .pad_with_zeros(2, 0, kernel - 1)?
+            .reshape((batch, out_channels, rows, padded_width))?
+            .narrow(3, 0, width)?)
     }
 
     /// Convolves `x` (nearest-x2 upsampled first when `upsample`), zero-padded by `padding`, with
@@ -182,9 +229,12 @@ impl Conv2d {
                     padding.right,
                 )?)?
                 .contiguous()?;
-            let y = strip
-                .conv2d(&self.weight, 0, stride, 1, 1)?
-                .broadcast_add(&bias)?;
+            let y = if stride == 1 {
+                self.shifted_products(&strip, rows, out_width)?
+            } else {
+                strip.conv2d(&self.weight, 0, stride, 1, 1)?
+            }
+            .broadcast_add(&bias)?;
             let y = self.narrow_output(y)?;
             if row == 0 && rows == out_height {
                 return Ok(y);

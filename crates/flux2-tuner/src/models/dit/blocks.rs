@@ -7,6 +7,8 @@ use candle_core::{DType, Tensor, D};
 use crate::error::Result;
 use crate::models::dit::weights::DitWeights;
 use crate::nn::attention::attention;
+use crate::nn::fused::{self, QkNormRope};
+use crate::nn::host::is_plain_cpu;
 use crate::nn::norm::{layer_norm, modulate, rms_norm};
 use crate::nn::rope::RopeTables;
 use crate::nn::Linear;
@@ -24,6 +26,9 @@ pub struct ModulationParams {
 impl ModulationParams {
     /// `x + gate * y`, computed in f32 and rounded to `x`'s dtype.
     pub fn gated_add(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        if is_plain_cpu(&[x, y, &self.gate]) {
+            return fused::gated_add(x, &self.gate, y);
+        }
         let dtype = x.dtype();
         let update = y.to_dtype(DType::F32)?.broadcast_mul(&self.gate)?;
         Ok((x.to_dtype(DType::F32)? + update)?.to_dtype(dtype)?)
@@ -84,14 +89,39 @@ impl QkNorm {
     }
 }
 
-/// Splits fused `[b, l, 3 * heads * d]` projections (rows laid out `(3, heads, d)`) into q, k, v
-/// `[b, heads, l, d]`, normalises q and k and applies RoPE.
+/// Splits the fused projections in columns `column .. column + 3 * heads * d` of `projected`
+/// `[b, l, width]` (laid out `(3, heads, d)`) into q, k, v `[b, heads, l, d]`, normalises q and k
+/// and applies RoPE with the table rows from `table_offset` on.
 fn split_qkv(
-    qkv: &Tensor,
+    projected: &Tensor,
+    column: usize,
     heads: usize,
     norm: &QkNorm,
     rope: &RopeTables,
+    table_offset: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let length = projected.dim(1)?;
+    if is_plain_cpu(&[
+        projected,
+        &norm.query_norm,
+        &norm.key_norm,
+        &rope.cos,
+        &rope.sin,
+    ]) {
+        let parameters = QkNormRope {
+            heads,
+            query_scale: &norm.query_norm,
+            key_scale: &norm.key_norm,
+            eps: NORM_EPS,
+            cos: &rope.cos,
+            sin: &rope.sin,
+            table_offset,
+        };
+        return fused::qk_norm_rope(projected, column, &parameters);
+    }
+    let width = 3 * heads * norm.query_norm.dim(0)?;
+    let qkv = projected.narrow(D::Minus1, column, width)?;
+    let rope = &narrow_rope(rope, table_offset, length)?;
     let (batch, length, width) = qkv.dims3()?;
     let head_dim = width / (3 * heads);
     let qkv = qkv
@@ -147,7 +177,13 @@ impl SwiGluMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.layer_2.forward(&swiglu(&self.layer_0.forward(x)?)?)
+        let hidden = self.layer_0.forward(x)?;
+        let activated = if is_plain_cpu(&[&hidden]) {
+            fused::swiglu(&hidden, 0, hidden.dim(D::Minus1)?)?
+        } else {
+            swiglu(&hidden)?
+        };
+        self.layer_2.forward(&activated)
     }
 }
 
@@ -188,11 +224,10 @@ impl DoubleStreamBlock {
         let img_qkv = self.img_attn.qkv.forward(&img_mod[0].modulate(img)?)?;
         let txt_qkv = self.txt_attn.qkv.forward(&txt_mod[0].modulate(txt)?)?;
         let heads = self.num_heads;
-        // RoPE needs each token's own table: split the joint table at the text length.
-        let txt_rope = narrow_rope(rope, 0, txt_len)?;
-        let img_rope = narrow_rope(rope, txt_len, img.dim(1)?)?;
-        let (img_q, img_k, img_v) = split_qkv(&img_qkv, heads, &self.img_attn.norm, &img_rope)?;
-        let (txt_q, txt_k, txt_v) = split_qkv(&txt_qkv, heads, &self.txt_attn.norm, &txt_rope)?;
+        // RoPE needs each token's own table: text rows come first in the joint table.
+        let (img_q, img_k, img_v) =
+            split_qkv(&img_qkv, 0, heads, &self.img_attn.norm, rope, txt_len)?;
+        let (txt_q, txt_k, txt_v) = split_qkv(&txt_qkv, 0, heads, &self.txt_attn.norm, rope, 0)?;
         let q = Tensor::cat(&[&txt_q, &img_q], 2)?;
         let k = Tensor::cat(&[&txt_k, &img_k], 2)?;
         let v = Tensor::cat(&[&txt_v, &img_v], 2)?;
@@ -255,11 +290,14 @@ impl SingleStreamBlock {
         let projected = self.linear1.forward(&modulation.modulate(x)?)?;
         let qkv_width = 3 * self.hidden_size;
         let mlp_width = projected.dim(D::Minus1)? - qkv_width;
-        let qkv = projected.narrow(D::Minus1, 0, qkv_width)?;
-        let mlp_in = projected.narrow(D::Minus1, qkv_width, mlp_width)?;
-        let (q, k, v) = split_qkv(&qkv, self.num_heads, &self.norm, rope)?;
+        let (q, k, v) = split_qkv(&projected, 0, self.num_heads, &self.norm, rope, 0)?;
         let attended = attention(&q, &k, &v)?;
-        let joined = Tensor::cat(&[&attended, &swiglu(&mlp_in)?], D::Minus1)?;
+        let activated = if is_plain_cpu(&[&projected]) {
+            fused::swiglu(&projected, qkv_width, mlp_width)?
+        } else {
+            swiglu(&projected.narrow(D::Minus1, qkv_width, mlp_width)?)?
+        };
+        let joined = Tensor::cat(&[&attended, &activated], D::Minus1)?;
         modulation.gated_add(x, &self.linear2.forward(&joined)?)
     }
 }

@@ -209,6 +209,38 @@ impl Flux2Dit {
         self.final_layer.forward(&img, &vec)
     }
 
+    /// Every tensor with its BFL key, for saving the model in the original format (for example after
+    /// merging LoRAs). Weights are returned in the model's dtype.
+    pub fn state_dict(&mut self) -> Vec<(String, Tensor)> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .linears_mut()
+            .into_iter()
+            .map(|(path, linear)| (format!("{path}.weight"), linear.weight.clone()))
+            .collect();
+        for (i, block) in self.double_blocks.iter().enumerate() {
+            for (stream, attention) in [("img", &block.img_attn), ("txt", &block.txt_attn)] {
+                let p = format!("double_blocks.{i}.{stream}_attn.norm");
+                tensors.push((
+                    format!("{p}.query_norm.scale"),
+                    attention.norm.query_norm.clone(),
+                ));
+                tensors.push((
+                    format!("{p}.key_norm.scale"),
+                    attention.norm.key_norm.clone(),
+                ));
+            }
+        }
+        for (i, block) in self.single_blocks.iter().enumerate() {
+            let p = format!("single_blocks.{i}.norm");
+            tensors.push((
+                format!("{p}.query_norm.scale"),
+                block.norm.query_norm.clone(),
+            ));
+            tensors.push((format!("{p}.key_norm.scale"), block.norm.key_norm.clone()));
+        }
+        tensors
+    }
+
     /// Every linear layer with its BFL module path (`double_blocks.0.img_attn.qkv`, ...), for
     /// attaching or merging LoRA adapters.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {

@@ -255,11 +255,29 @@ impl ActiveLayer {
         // RoPE, attention and the SwiGLU product stay f32 (they are a small part of the work).
         let compute = self.q_proj.dtype();
         let linear = |x: &Tensor, weight: &Tensor| -> Result<Tensor> {
+            let mode = std::env::var("TE_EXP").unwrap_or_default();
+            if mode == "in" {
+                let xr = x.to_dtype(compute)?.to_dtype(DType::F32)?;
+                return project(&xr, &weight.to_dtype(DType::F32)?);
+            }
+            if mode == "out" {
+                return Ok(project(x, &weight.to_dtype(DType::F32)?)?
+                    .to_dtype(compute)?
+                    .to_dtype(DType::F32)?);
+            }
             Ok(project(&x.to_dtype(compute)?, weight)?.to_dtype(DType::F32)?)
         };
         let x = rms_norm(hidden, &self.input_layernorm, eps)?;
-        let q = heads(linear(&x, &self.q_proj)?, config.num_attention_heads, &self.q_norm)?;
-        let k = heads(linear(&x, &self.k_proj)?, config.num_key_value_heads, &self.k_norm)?;
+        let q = heads(
+            linear(&x, &self.q_proj)?,
+            config.num_attention_heads,
+            &self.q_norm,
+        )?;
+        let k = heads(
+            linear(&x, &self.k_proj)?,
+            config.num_key_value_heads,
+            &self.k_norm,
+        )?;
         let v = heads(linear(&x, &self.v_proj)?, config.num_key_value_heads, &None)?;
         let attention = masked_attention(&rope.apply(&q)?, &rope.apply(&k)?, &v, mask)?;
         let hidden = (hidden + linear(&attention, &self.o_proj)?)?;

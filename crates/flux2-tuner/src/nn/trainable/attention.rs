@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Shape, Tensor, D};
 
+use super::softmax_rows::{probabilities, score_gradient, softmax_with_logsumexp};
 use super::storage::{compute_dtype, storage_from, tensor_from, DeviceStorage};
 use crate::error::{Error, Result};
 
@@ -82,11 +83,9 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, T
     for (start, len) in chunks(length, rows) {
         // Scaling the `[rows, d]` queries is cheaper than scaling the `[rows, keys]` scores.
         let scores = (q.narrow(2, start, len)? * scale)?.matmul(&k_t)?;
-        let row_max = scores.max_keepdim(D::Minus1)?;
-        let weights = scores.broadcast_sub(&row_max)?.exp()?;
-        let total = weights.sum_keepdim(D::Minus1)?;
-        outputs.push(weights.matmul(v)?.broadcast_div(&total)?);
-        logsumexps.push((row_max + total.log()?)?);
+        let (probabilities, logsumexp) = softmax_with_logsumexp(&scores)?;
+        outputs.push(probabilities.matmul(v)?);
+        logsumexps.push(logsumexp);
     }
     Ok((Tensor::cat(&outputs, 2)?, Tensor::cat(&logsumexps, 2)?))
 }
@@ -173,15 +172,13 @@ impl CustomOp3 for AttentionOp {
             let q_chunk = q32.narrow(2, start, len)?;
             let grad_chunk = grad.narrow(2, start, len)?;
             let scores = (&q_chunk * scale)?.matmul(&k_t)?;
-            let probabilities = scores
-                .broadcast_sub(&logsumexp.narrow(2, start, len)?)?
-                .exp()?;
+            let probabilities =
+                probabilities(&scores, &logsumexp.narrow(2, start, len)?.contiguous()?)?;
             v_grad = (v_grad + probabilities.t()?.matmul(&grad_chunk)?)?;
-            let probability_grad = grad_chunk
-                .matmul(&v_t)?
-                .broadcast_sub(&delta.narrow(2, start, len)?)?;
+            let probability_grad = grad_chunk.matmul(&v_t)?;
             // `dS` without the factor `s`, applied to the smaller `[rows, d]` products instead.
-            let score_grad = (probabilities * probability_grad)?;
+            let delta_chunk = delta.narrow(2, start, len)?.contiguous()?;
+            let score_grad = score_gradient(&probabilities, &probability_grad, &delta_chunk)?;
             q_grads.push((score_grad.matmul(&k32)? * scale)?);
             k_grad = (k_grad + (score_grad.t()?.matmul(&q_chunk)? * scale)?)?;
         }

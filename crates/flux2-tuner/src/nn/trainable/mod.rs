@@ -39,6 +39,7 @@ mod lora_linear;
 mod modulated_layer_norm;
 mod rms_norm;
 mod rope;
+mod softmax_rows;
 mod storage;
 mod swiglu;
 #[cfg(test)]

@@ -1,0 +1,461 @@
+//! `flux2-tuner generate`: Musubi's `flux_2_generate_image.py` with its flag names.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use flux2_tuner::checkpoint::{save_safetensors, Checkpoint};
+use flux2_tuner::image_io::write_png;
+use flux2_tuner::lora::KeyFilter;
+use flux2_tuner::models::ModelVersion;
+use flux2_tuner::sample::generate::{
+    decode_image, generate, load_dit, GenerateObserver, GeneratorConfig, LoraSpec,
+};
+use flux2_tuner::sample::{parse_prompt_file, parse_prompt_line, ImageRequest};
+
+use crate::device::{parse_device, AttentionMode};
+use crate::progress::StepProgress;
+
+/// Arguments of `generate` (Musubi's names; `--help` lists what each does here).
+#[derive(Debug, clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct GenerateArgs {
+    /// FLUX.2 version: dev, klein-4b, klein-base-4b, klein-9b, klein-base-9b. Checked against the
+    /// DiT weights. Sets the defaults of --infer_steps and guidance.
+    #[arg(long, default_value = "dev")]
+    pub model_version: String,
+    /// DiT file (BFL format), or the first shard of a split checkpoint.
+    #[arg(long)]
+    pub dit: Option<PathBuf>,
+    /// Autoencoder file (ae.safetensors, BFL format).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// Text encoder weights (Mistral-3 for dev, Qwen3 for klein): a file or the first shard.
+    #[arg(long)]
+    pub text_encoder: Option<PathBuf>,
+    /// tokenizer.json (or its folder); by default looked for next to the text encoder and in a
+    /// sibling `tokenizer/` folder.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Prompt.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Negative prompt (klein-base classifier-free guidance only). Default: empty, as BFL and
+    /// diffusers (Musubi uses a single space).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Output size: HEIGHT WIDTH, multiples of 16.
+    #[arg(long, num_args = 2, value_names = ["HEIGHT", "WIDTH"], default_values_t = [1024, 1024])]
+    pub image_size: Vec<usize>,
+    /// Sampling steps. Default per version: 4 for klein distilled, 50 otherwise.
+    #[arg(long)]
+    pub infer_steps: Option<usize>,
+    /// Classifier-free guidance scale (klein-base). Default 4.0.
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// Embedded guidance (dev). Default 4.0.
+    #[arg(long)]
+    pub embedded_cfg_scale: Option<f64>,
+    /// Fixed flow shift instead of the FLUX.2 resolution-dependent schedule.
+    #[arg(long)]
+    pub flow_shift: Option<f64>,
+    /// Seed of the initial noise (SplitMix64 + Box-Muller: the same image on every machine).
+    /// Default: random.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Reference (control) image(s) for editing; several may be given.
+    #[arg(long, num_args = 1..)]
+    pub control_image_path: Vec<PathBuf>,
+    /// Use control images at their own size (cropped to multiples of 16) instead of capping their
+    /// area at 2024² (one image) or 1024² (several), aspect ratio kept.
+    #[arg(long)]
+    pub no_resize_control: bool,
+    /// LoRA file(s): Musubi, ComfyUI/ai-toolkit, diffusers/PEFT, LyCORIS LoHa/LoKr.
+    #[arg(long, num_args = 1..)]
+    pub lora_weight: Vec<PathBuf>,
+    /// One multiplier per LoRA (missing ones are 1.0).
+    #[arg(long, num_args = 1..)]
+    pub lora_multiplier: Vec<f64>,
+    /// One regex per LoRA: keep only the keys it matches.
+    #[arg(long, num_args = 1..)]
+    pub include_patterns: Vec<String>,
+    /// One regex per LoRA: drop the keys it matches.
+    #[arg(long, num_args = 1..)]
+    pub exclude_patterns: Vec<String>,
+    /// Keep LoRAs as extra low-rank matmuls instead of merging them into the weights.
+    #[arg(long)]
+    pub lora_unmerged: bool,
+    /// Accepted for Musubi compatibility: LyCORIS files are recognised by their keys.
+    #[arg(long)]
+    pub lycoris: bool,
+    /// Write the DiT with the LoRAs merged (original format) to this file and skip generation.
+    #[arg(long)]
+    pub save_merged_model: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    pub save_path: Option<PathBuf>,
+    /// images, latent (saved for --latent_path), or both (latent_images is Musubi's name).
+    #[arg(long, default_value = "images")]
+    pub output_type: String,
+    /// Do not store the generation parameters in the outputs.
+    #[arg(long)]
+    pub no_metadata: bool,
+    /// Decode saved latent files instead of generating.
+    #[arg(long, num_args = 1..)]
+    pub latent_path: Vec<PathBuf>,
+    /// One prompt per line with Musubi's inline options (--w --h --s --d --g --n --fs --ci).
+    #[arg(long)]
+    pub from_file: Option<PathBuf>,
+    /// Read prompt lines (with inline options) from standard input until end of input.
+    #[arg(long)]
+    pub interactive: bool,
+    /// Compute the DiT in float32 instead of bfloat16.
+    #[arg(long)]
+    pub dit_f32: bool,
+    /// Store the DiT's block linears as F8E4M3 (plain cast).
+    #[arg(long)]
+    pub fp8: bool,
+    /// Store the DiT's block linears as F8E4M3 with Musubi's block-wise scale.
+    #[arg(long)]
+    pub fp8_scaled: bool,
+    /// Store the text encoder's linears as F8E4M3.
+    #[arg(long)]
+    pub fp8_text_encoder: bool,
+    /// cpu or cuda (cuda needs a build with `--features cuda`). Default: cuda when available.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Attention kernel: torch / sdpa / flash (all mean the built-in attention here).
+    #[arg(long, default_value = "torch")]
+    pub attn_mode: String,
+    /// Number of DiT blocks kept in host memory and copied to the GPU when used.
+    #[arg(long, default_value_t = 0)]
+    pub blocks_to_swap: usize,
+    /// Pinned host memory for block swap.
+    #[arg(long)]
+    pub use_pinned_memory_for_block_swap: bool,
+    /// Musubi's numpy memmap switch; loading here is always memory-mapped.
+    #[arg(long)]
+    pub disable_numpy_memmap: bool,
+    /// torch.compile (not applicable here: refused with an explanation).
+    #[arg(long)]
+    pub compile: bool,
+}
+
+/// What to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutputType {
+    Images,
+    Latent,
+    Both,
+}
+
+fn output_type(value: &str) -> Result<OutputType> {
+    Ok(match value {
+        "images" => OutputType::Images,
+        "latent" => OutputType::Latent,
+        "both" | "latent_images" => OutputType::Both,
+        other => bail!("--output_type: `{other}` is not one of images, latent, both (latent_images)"),
+    })
+}
+
+fn required<'a>(value: &'a Option<PathBuf>, flag: &str) -> Result<&'a PathBuf> {
+    value.as_ref().with_context(|| format!("{flag} is required"))
+}
+
+/// Refuses flags this build cannot honour, with the reason.
+fn refuse_unsupported(args: &GenerateArgs) -> Result<()> {
+    if args.compile {
+        bail!("--compile: torch.compile does not exist in this program; remove the flag");
+    }
+    if args.blocks_to_swap > 0 || args.use_pinned_memory_for_block_swap {
+        bail!("--blocks_to_swap / --use_pinned_memory_for_block_swap: block swap is not implemented yet");
+    }
+    if args.fp8 || args.fp8_scaled {
+        bail!("--fp8 / --fp8_scaled: fp8 DiT weights are not implemented in generate yet");
+    }
+    AttentionMode::parse(&args.attn_mode)?;
+    Ok(())
+}
+
+/// Per-LoRA key filters: the i-th pattern belongs to the i-th LoRA.
+fn lora_specs(args: &GenerateArgs) -> Result<Vec<LoraSpec>> {
+    for (flag, count) in [
+        ("--lora_multiplier", args.lora_multiplier.len()),
+        ("--include_patterns", args.include_patterns.len()),
+        ("--exclude_patterns", args.exclude_patterns.len()),
+    ] {
+        if count > args.lora_weight.len() {
+            bail!("{flag}: {count} values for {} --lora_weight files", args.lora_weight.len());
+        }
+    }
+    let regex = |flag: &str, pattern: Option<&String>| -> Result<Option<regex::Regex>> {
+        pattern
+            .map(|p| regex::Regex::new(p).with_context(|| format!("{flag}: `{p}` is not a valid regex")))
+            .transpose()
+    };
+    args.lora_weight
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            Ok(LoraSpec {
+                path: path.clone(),
+                multiplier: args.lora_multiplier.get(i).copied().unwrap_or(1.0),
+                filter: KeyFilter {
+                    include: regex("--include_patterns", args.include_patterns.get(i))?,
+                    exclude: regex("--exclude_patterns", args.exclude_patterns.get(i))?,
+                },
+            })
+        })
+        .collect()
+}
+
+/// The requests of this run: one from the flags, or one per line of --from_file / stdin.
+fn requests(args: &GenerateArgs, version: ModelVersion) -> Result<Vec<ImageRequest>> {
+    let info = version.info();
+    let guidance = match info.guidance {
+        flux2_tuner::models::GuidanceMode::Embedded => args.embedded_cfg_scale.unwrap_or(info.default_guidance),
+        flux2_tuner::models::GuidanceMode::ClassifierFree => args.guidance_scale.unwrap_or(info.default_guidance),
+        flux2_tuner::models::GuidanceMode::None => 1.0,
+    };
+    let defaults = ImageRequest {
+        prompt: args.prompt.clone().unwrap_or_default(),
+        negative_prompt: args.negative_prompt.clone(),
+        height: args.image_size[0],
+        width: args.image_size[1],
+        steps: args.infer_steps.unwrap_or(info.default_steps),
+        guidance,
+        seed: args.seed.unwrap_or_else(random_seed),
+        flow_shift: args.flow_shift,
+        control_images: args.control_image_path.clone(),
+    };
+    let requests = if let Some(file) = &args.from_file {
+        if args.interactive {
+            bail!("--from_file and --interactive cannot be combined");
+        }
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read --from_file {}", file.display()))?;
+        parse_prompt_file(&text, &defaults)?
+    } else if args.interactive {
+        let mut requests = Vec::new();
+        for line in std::io::stdin().lines() {
+            let line = line.context("reading prompts from standard input")?;
+            if !line.trim().is_empty() {
+                requests.push(parse_prompt_line(&line, &defaults)?);
+            }
+        }
+        requests
+    } else {
+        if args.prompt.is_none() {
+            bail!("--prompt is required (or --from_file, --interactive, --latent_path)");
+        }
+        vec![defaults]
+    };
+    if requests.is_empty() {
+        bail!("no prompts to generate");
+    }
+    for request in &requests {
+        request.check()?;
+        for path in &request.control_images {
+            if !path.exists() {
+                bail!("control image {} does not exist", path.display());
+            }
+        }
+    }
+    Ok(requests)
+}
+
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    flux2_tuner::util::rng::SeededRng::new(nanos ^ u64::from(std::process::id())).next_u64() >> 32
+}
+
+/// `YYYYMMDD-HHMMSS-mmm` in UTC, Musubi's output-name stamp.
+fn time_stamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = now.as_secs();
+    let (days, rest) = (seconds / 86400, seconds % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{:03}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        now.subsec_millis()
+    )
+}
+
+/// The parameters stored with each output.
+fn parameters(request: &ImageRequest, version: ModelVersion, loras: &[LoraSpec]) -> Vec<(String, String)> {
+    let lora_text: Vec<String> = loras
+        .iter()
+        .map(|l| format!("{}:{}", l.path.display(), l.multiplier))
+        .collect();
+    let json = serde_json::json!({
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "seed": request.seed,
+        "infer_steps": request.steps,
+        "guidance": request.guidance,
+        "height": request.height,
+        "width": request.width,
+        "flow_shift": request.flow_shift,
+        "model_version": version.name(),
+        "loras": lora_text,
+        "control_images": request.control_images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+    });
+    let summary = format!(
+        "{}\nNegative prompt: {}\nSteps: {}, Guidance: {}, Seed: {}, Size: {}x{}, Model: FLUX.2 {}{}",
+        request.prompt,
+        request.negative_prompt.as_deref().unwrap_or(""),
+        request.steps,
+        request.guidance,
+        request.seed,
+        request.width,
+        request.height,
+        version.name(),
+        if lora_text.is_empty() { String::new() } else { format!(", LoRAs: {}", lora_text.join(" ")) }
+    );
+    vec![("parameters".into(), summary), ("flux2_tuner".into(), json.to_string())]
+}
+
+/// Saves a latent as Musubi does: key `latent` `[128, h, w]` plus string metadata.
+fn save_latent(path: &Path, latents: &Tensor, request: &ImageRequest, version: ModelVersion, metadata: bool) -> Result<()> {
+    let mut info = std::collections::HashMap::new();
+    if metadata {
+        for (key, value) in [
+            ("seeds", request.seed.to_string()),
+            ("prompt", request.prompt.clone()),
+            ("height", request.height.to_string()),
+            ("width", request.width.to_string()),
+            ("infer_steps", request.steps.to_string()),
+            ("embedded_cfg_scale", request.guidance.to_string()),
+            ("guidance_scale", request.guidance.to_string()),
+            ("model_version", version.name().to_string()),
+        ] {
+            info.insert(key.to_string(), value);
+        }
+    }
+    let latent = latents.squeeze(0)?.to_dtype(DType::F32)?;
+    save_safetensors(path, &[("latent".into(), latent)], Some(info))?;
+    Ok(())
+}
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    refuse_unsupported(args)?;
+    let version: ModelVersion = args.model_version.parse()?;
+    let output = output_type(&args.output_type)?;
+    let device = parse_device(args.device.as_deref())?;
+    if args.lycoris {
+        eprintln!("note: --lycoris is not needed: LoHa/LoKr files are recognised by their keys");
+    }
+    if !args.latent_path.is_empty() {
+        return decode_latent_files(args, &device);
+    }
+    let loras = lora_specs(args)?;
+    let config = GeneratorConfig {
+        version,
+        dit: required(&args.dit, "--dit")?.clone(),
+        ae: args.vae.clone().unwrap_or_default(),
+        text_encoder: args.text_encoder.clone().unwrap_or_default(),
+        tokenizer: args.tokenizer.clone(),
+        device: device.clone(),
+        dit_dtype: if args.dit_f32 { DType::F32 } else { DType::BF16 },
+        text_encoder_dtype: DType::BF16,
+        fp8_text_encoder: args.fp8_text_encoder,
+        loras: loras.clone(),
+        merge_loras: !args.lora_unmerged,
+        no_resize_control: args.no_resize_control,
+    };
+    if let Some(target) = &args.save_merged_model {
+        let mut observer = StepProgress::new();
+        let mut dit = load_dit(&config, &mut observer)?;
+        save_safetensors(target, &dit.state_dict(), None)?;
+        eprintln!("saved the merged DiT to {} (no images generated)", target.display());
+        return Ok(());
+    }
+    required(&args.vae, "--vae")?;
+    required(&args.text_encoder, "--text_encoder")?;
+    let save_path = required(&args.save_path, "--save_path")?;
+    let requests = requests(args, version)?;
+
+    let start = Instant::now();
+    let mut observer = StepProgress::new();
+    let generated = generate(&config, &requests, output != OutputType::Latent, &mut observer)?;
+    let total_steps = observer.finish();
+    std::fs::create_dir_all(save_path).with_context(|| format!("cannot create {}", save_path.display()))?;
+    for item in &generated {
+        let stem = format!("{}_{}", time_stamp(), item.request.seed);
+        if output != OutputType::Images {
+            let path = save_path.join(format!("{stem}_latent.safetensors"));
+            save_latent(&path, &item.latents, &item.request, version, !args.no_metadata)?;
+            eprintln!("saved {}", path.display());
+        }
+        if let Some(image) = &item.image {
+            let path = save_path.join(format!("{stem}.png"));
+            let text = if args.no_metadata { Vec::new() } else { parameters(&item.request, version, &loras) };
+            write_png(&path, image, &text)?;
+            eprintln!("saved {}", path.display());
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "generated {} image(s) in {seconds:.1} s, {:.3} s per step ({total_steps} steps)",
+        generated.len(),
+        observer.sampling_seconds() / total_steps.max(1) as f64
+    );
+    Ok(())
+}
+
+/// `--latent_path`: decode saved latents with the AE and save PNGs.
+fn decode_latent_files(args: &GenerateArgs, device: &candle_core::Device) -> Result<()> {
+    let save_path = required(&args.save_path, "--save_path")?;
+    let vae = required(&args.vae, "--vae")?;
+    let ae = flux2_tuner::models::ae::AutoEncoder::load(&Checkpoint::open(vae)?, DType::F32, device)?;
+    std::fs::create_dir_all(save_path).with_context(|| format!("cannot create {}", save_path.display()))?;
+    for path in &args.latent_path {
+        let checkpoint = Checkpoint::open(path)?;
+        let mut latent = checkpoint
+            .load("latent", DType::F32, device)
+            .with_context(|| format!("{} is not a latent file from generate", path.display()))?;
+        while latent.rank() > 4 {
+            latent = latent.squeeze(0)?;
+        }
+        if latent.rank() == 3 {
+            latent = latent.unsqueeze(0)?;
+        }
+        let image = decode_image(&ae, &latent)?;
+        let seed = checkpoint.metadata().get("seeds").cloned().unwrap_or_else(|| "0".into());
+        let mut text: Vec<(String, String)> = checkpoint.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if args.no_metadata {
+            text.clear();
+        }
+        let out = save_path.join(format!("{}_{seed}.png", time_stamp()));
+        write_png(&out, &image, &text)?;
+        eprintln!("saved {}", out.display());
+    }
+    Ok(())
+}
+
+impl GenerateObserver for StepProgress {
+    fn phase(&mut self, message: &str) {
+        self.set_phase(message);
+    }
+
+    fn step(&mut self, image: usize, images: usize, step: usize, steps: usize) {
+        self.advance(image, images, step, steps);
+    }
+}

@@ -1,0 +1,421 @@
+//! Fused elementwise kernels for inference on the CPU: each replaces a chain of candle ops (every
+//! one a full pass over the activations, with dtype round trips) by one pass over rows, in f32,
+//! rounding to the activation dtype where the op chain rounds. They record no gradient: callers use
+//! them only for tensors that track none ([`crate::nn::host::is_plain_cpu`]) and keep the op chains
+//! otherwise.
+//!
+//! - [`modulate`]: `(1 + scale) * LayerNorm(x) + shift` (norm.rs `modulate`);
+//! - [`gated_add`]: `x + gate * y` (blocks.rs `ModulationParams::gated_add`);
+//! - [`qk_norm_rope`]: split of fused `qkv` rows into heads, RMSNorm of q and k, RoPE (blocks.rs
+//!   `split_qkv`);
+//! - [`swiglu`]: `silu(a) * b` of the two halves of the last axis.
+
+use candle_core::{CpuStorage, DType, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::nn::host::{vectorised, with_data};
+use crate::nn::softmax::exp;
+
+/// An activation element type: f32 or bf16.
+pub trait Element: candle_core::WithDType + Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(value: f32) -> Self;
+    fn slice(storage: &CpuStorage) -> Option<&[Self]>;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(value: f32) -> Self {
+        value
+    }
+    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F32(values) => Some(values),
+            _ => None,
+        }
+    }
+}
+
+impl Element for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(value: f32) -> Self {
+        bf16::from_f32(value)
+    }
+    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::BF16(values) => Some(values),
+            _ => None,
+        }
+    }
+}
+
+/// Rows handed to one parallel task (enough work to amortise the hand-off).
+const ROWS_PER_TASK: usize = 16;
+
+/// Calls `f` with the elements of a contiguous tensor of element type `T`.
+fn with_values<T: Element, R>(tensor: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let tensor = tensor.contiguous()?;
+    with_data(&tensor, |storage, offset| {
+        let values = T::slice(storage).ok_or_else(|| {
+            Error::Shape(format!(
+                "fused kernel: expected {:?} data, found {:?}",
+                <T as candle_core::WithDType>::DTYPE,
+                tensor.dtype()
+            ))
+        })?;
+        f(&values[offset..offset + tensor.elem_count()])
+    })
+}
+
+/// A `[b, 1, c]` (or `[b, c]`) f32 per-sample vector as host values, with its batch size.
+fn per_sample(vector: &Tensor, channels: usize) -> Result<Vec<f32>> {
+    let values: Vec<f32> = vector.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    if values.is_empty() || values.len() % channels != 0 {
+        return Err(Error::Shape(format!(
+            "fused kernel: modulation of {} values for {channels} channels",
+            values.len()
+        )));
+    }
+    Ok(values)
+}
+
+/// Shape `[b, rows, c]` of `x` as (batch, rows per sample, channels).
+fn sample_rows(x: &Tensor) -> Result<(usize, usize, usize)> {
+    let dims = x.dims();
+    let channels = *dims
+        .last()
+        .ok_or_else(|| Error::Shape("fused kernel: scalar input".into()))?;
+    let batch = dims.first().copied().unwrap_or(1).max(1);
+    let rows = x.elem_count() / channels.max(1) / batch;
+    Ok((batch, rows, channels))
+}
+
+fn modulate_typed<T: Element>(
+    x: &Tensor,
+    shift: &[f32],
+    scale: &[f32],
+    eps: f32,
+) -> Result<Tensor> {
+    let (batch, rows, channels) = sample_rows(x)?;
+    if shift.len() != batch * channels || scale.len() != batch * channels {
+        return Err(Error::Shape(
+            "modulate: shift/scale do not match x's batch and channels".into(),
+        ));
+    }
+    let mut out = vec![T::from_f32(0.0); x.elem_count()];
+    with_values::<T, _>(x, |values| {
+        out.par_chunks_mut(channels * ROWS_PER_TASK)
+            .zip(values.par_chunks(channels * ROWS_PER_TASK))
+            .enumerate()
+            .for_each(|(task, (out_rows, in_rows))| {
+                vectorised(|| {
+                    let mut row32 = vec![0f32; channels];
+                    for (index, (out_row, in_row)) in out_rows
+                        .chunks_exact_mut(channels)
+                        .zip(in_rows.chunks_exact(channels))
+                        .enumerate()
+                    {
+                        let sample = (task * ROWS_PER_TASK + index) / rows;
+                        let (shift, scale) = (
+                            &shift[sample * channels..(sample + 1) * channels],
+                            &scale[sample * channels..(sample + 1) * channels],
+                        );
+                        for (a, b) in row32.iter_mut().zip(in_row) {
+                            *a = b.to_f32();
+                        }
+                        let mean = row32.iter().sum::<f32>() / channels as f32;
+                        let variance = row32.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
+                            / channels as f32;
+                        let inverse = 1.0 / (variance + eps).sqrt();
+                        for c in 0..channels {
+                            let normalised = (row32[c] - mean) * inverse;
+                            out_row[c] = T::from_f32(normalised * (1.0 + scale[c]) + shift[c]);
+                        }
+                    }
+                })
+            });
+        Ok(())
+    })?;
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+}
+
+/// `(1 + scale) * LayerNorm(x) + shift` in f32, rounded once to `x`'s dtype.
+///
+/// # Shapes
+/// `x`: `[b, l, c]`; `shift`, `scale`: `[b, 1, c]`.
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    let channels = x.dim(candle_core::D::Minus1)?;
+    let (shift, scale) = (per_sample(shift, channels)?, per_sample(scale, channels)?);
+    match x.dtype() {
+        DType::BF16 => modulate_typed::<bf16>(x, &shift, &scale, eps as f32),
+        _ => modulate_typed::<f32>(&x.to_dtype(DType::F32)?, &shift, &scale, eps as f32),
+    }
+}
+
+fn gated_add_typed<T: Element>(x: &Tensor, gate: &[f32], y: &Tensor) -> Result<Tensor> {
+    let (batch, rows, channels) = sample_rows(x)?;
+    if gate.len() != batch * channels || y.dims() != x.dims() {
+        return Err(Error::Shape(format!(
+            "gated_add: x {:?}, y {:?} and gate do not agree",
+            x.dims(),
+            y.dims()
+        )));
+    }
+    let y = y.to_dtype(<T as candle_core::WithDType>::DTYPE)?;
+    let mut out = vec![T::from_f32(0.0); x.elem_count()];
+    with_values::<T, _>(x, |xs| {
+        with_values::<T, _>(&y, |ys| {
+            out.par_chunks_mut(channels * ROWS_PER_TASK)
+                .zip(xs.par_chunks(channels * ROWS_PER_TASK))
+                .zip(ys.par_chunks(channels * ROWS_PER_TASK))
+                .enumerate()
+                .for_each(|(task, ((out_rows, x_rows), y_rows))| {
+                    vectorised(|| {
+                        for (index, ((o, a), b)) in out_rows
+                            .chunks_exact_mut(channels)
+                            .zip(x_rows.chunks_exact(channels))
+                            .zip(y_rows.chunks_exact(channels))
+                            .enumerate()
+                        {
+                            let sample = (task * ROWS_PER_TASK + index) / rows;
+                            let gate = &gate[sample * channels..(sample + 1) * channels];
+                            for c in 0..channels {
+                                o[c] = T::from_f32(a[c].to_f32() + gate[c] * b[c].to_f32());
+                            }
+                        }
+                    })
+                });
+            Ok(())
+        })
+    })?;
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+}
+
+/// `x + gate * y` in f32, rounded once to `x`'s dtype (`y` of any float dtype).
+///
+/// # Shapes
+/// `x`, `y`: `[b, l, c]`; `gate`: `[b, 1, c]`.
+pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let gate = per_sample(gate, x.dim(candle_core::D::Minus1)?)?;
+    match x.dtype() {
+        DType::BF16 => gated_add_typed::<bf16>(x, &gate, y),
+        _ => gated_add_typed::<f32>(&x.to_dtype(DType::F32)?, &gate, y),
+    }
+}
+
+/// The q, k, v of one attention input, each `[b, heads, l, d]`.
+pub type QueryKeyValue = (Tensor, Tensor, Tensor);
+
+/// Everything [`qk_norm_rope`] needs besides the projections.
+pub struct QkNormRope<'a> {
+    pub heads: usize,
+    /// RMSNorm scales of q and k, `[d]`.
+    pub query_scale: &'a Tensor,
+    pub key_scale: &'a Tensor,
+    pub eps: f64,
+    /// RoPE tables `[b, L, d / 2]` (f32) and the position of this input's first token in them.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub table_offset: usize,
+}
+
+/// RMSNorm of one head vector (normalise in f32, round, multiply by the scale, round: BFL's
+/// order), then the rotation of its interleaved pairs in f32, rounded once more.
+#[inline(always)]
+fn norm_rope_head<T: Element>(
+    input: &[T],
+    scale: &[T],
+    eps: f32,
+    cos: &[f32],
+    sin: &[f32],
+    out: &mut [T],
+) {
+    let mean_square =
+        input.iter().map(|v| v.to_f32() * v.to_f32()).sum::<f32>() / input.len() as f32;
+    let inverse = 1.0 / (mean_square + eps).sqrt();
+    for i in 0..cos.len() {
+        let normalise = |j: usize| -> f32 {
+            let rounded = T::from_f32(input[j].to_f32() * inverse).to_f32();
+            T::from_f32(rounded * scale[j].to_f32()).to_f32()
+        };
+        let (even, odd) = (normalise(2 * i), normalise(2 * i + 1));
+        out[2 * i] = T::from_f32(even * cos[i] - odd * sin[i]);
+        out[2 * i + 1] = T::from_f32(even * sin[i] + odd * cos[i]);
+    }
+}
+
+fn qk_norm_rope_typed<T: Element>(
+    projected: &Tensor,
+    column: usize,
+    parameters: &QkNormRope,
+) -> Result<QueryKeyValue> {
+    let (batch, length, width) = projected.dims3()?;
+    let heads = parameters.heads;
+    let head_dim = parameters.query_scale.dim(0)?;
+    let half = head_dim / 2;
+    let (table_batch, table_length, table_half) = parameters.cos.dims3()?;
+    if column + 3 * heads * head_dim > width
+        || table_half != half
+        || (table_batch != batch && table_batch != 1)
+        || parameters.table_offset + length > table_length
+    {
+        return Err(Error::Shape(format!(
+            "qk_norm_rope: projections {:?} from column {column}, {heads} heads of {head_dim}, RoPE \
+             tables {:?} from token {}",
+            projected.dims(),
+            parameters.cos.dims(),
+            parameters.table_offset
+        )));
+    }
+    let cos: Vec<f32> = parameters
+        .cos
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let sin: Vec<f32> = parameters
+        .sin
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let query_scale: Vec<T> = parameters
+        .query_scale
+        .to_dtype(<T as candle_core::WithDType>::DTYPE)?
+        .to_vec1()?;
+    let key_scale: Vec<T> = parameters
+        .key_scale
+        .to_dtype(<T as candle_core::WithDType>::DTYPE)?
+        .to_vec1()?;
+    let eps = parameters.eps as f32;
+    let per_output = batch * heads * length * head_dim;
+    let zero = T::from_f32(0.0);
+    let (mut q, mut k, mut v) = (
+        vec![zero; per_output],
+        vec![zero; per_output],
+        vec![zero; per_output],
+    );
+    with_values::<T, _>(projected, |values| {
+        // One task per (sample, head): it owns the `[l, d]` slab of that head in q, k and v.
+        let slab = length * head_dim;
+        q.par_chunks_mut(slab)
+            .zip(k.par_chunks_mut(slab))
+            .zip(v.par_chunks_mut(slab))
+            .enumerate()
+            .for_each(|(bh, ((q_slab, k_slab), v_slab))| {
+                vectorised(|| {
+                    let (sample, head) = (bh / heads, bh % heads);
+                    let table_sample = if table_batch == 1 { 0 } else { sample };
+                    for token in 0..length {
+                        let row = &values[(sample * length + token) * width + column..];
+                        let table =
+                            ((table_sample * table_length) + parameters.table_offset + token)
+                                * half;
+                        let (cos, sin) = (&cos[table..table + half], &sin[table..table + half]);
+                        let out = token * head_dim..(token + 1) * head_dim;
+                        let part =
+                            |which: usize| &row[(which * heads + head) * head_dim..][..head_dim];
+                        norm_rope_head(
+                            part(0),
+                            &query_scale,
+                            eps,
+                            cos,
+                            sin,
+                            &mut q_slab[out.clone()],
+                        );
+                        norm_rope_head(
+                            part(1),
+                            &key_scale,
+                            eps,
+                            cos,
+                            sin,
+                            &mut k_slab[out.clone()],
+                        );
+                        v_slab[out].copy_from_slice(part(2));
+                    }
+                })
+            });
+        Ok(())
+    })?;
+    let shape = (batch, heads, length, head_dim);
+    let device = projected.device();
+    Ok((
+        Tensor::from_vec(q, shape, device)?,
+        Tensor::from_vec(k, shape, device)?,
+        Tensor::from_vec(v, shape, device)?,
+    ))
+}
+
+/// Splits fused projections into q, k, v `[b, heads, l, d]`, normalises q and k (RMSNorm with
+/// their scales) and rotates them (RoPE on interleaved pairs), in `projected`'s dtype.
+///
+/// `projected` is `[b, l, width]`; the `3 * heads * d` columns from `column` on are laid out
+/// `(3, heads, d)`.
+pub fn qk_norm_rope(
+    projected: &Tensor,
+    column: usize,
+    parameters: &QkNormRope,
+) -> Result<QueryKeyValue> {
+    match projected.dtype() {
+        DType::BF16 => qk_norm_rope_typed::<bf16>(projected, column, parameters),
+        DType::F32 => qk_norm_rope_typed::<f32>(projected, column, parameters),
+        other => Err(Error::Shape(format!(
+            "qk_norm_rope: unsupported dtype {other:?}"
+        ))),
+    }
+}
+
+fn swiglu_typed<T: Element>(x: &Tensor, column: usize, width: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    let row_width = *dims.last().unwrap_or(&0);
+    let half = width / 2;
+    if width % 2 != 0 || column + width > row_width {
+        return Err(Error::Shape(format!(
+            "swiglu: {width} columns from {column} in rows of {row_width}"
+        )));
+    }
+    let rows = x.elem_count() / row_width.max(1);
+    let mut out = vec![T::from_f32(0.0); rows * half];
+    with_values::<T, _>(x, |values| {
+        out.par_chunks_mut(half * ROWS_PER_TASK)
+            .zip(values.par_chunks(row_width * ROWS_PER_TASK))
+            .for_each(|(out_rows, in_rows)| {
+                vectorised(|| {
+                    for (o, row) in out_rows
+                        .chunks_exact_mut(half)
+                        .zip(in_rows.chunks_exact(row_width))
+                    {
+                        let (gate, value) = row[column..column + width].split_at(half);
+                        for c in 0..half {
+                            let a = gate[c].to_f32();
+                            o[c] = T::from_f32(a / (1.0 + exp(-a)) * value[c].to_f32());
+                        }
+                    }
+                })
+            });
+        Ok(())
+    })?;
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = half;
+    }
+    Ok(Tensor::from_vec(out, out_dims, x.device())?)
+}
+
+/// `silu(a) * b` where `a` and `b` are the two halves of the `width` columns of `x`'s last axis
+/// starting at `column`; in f32, rounded once to `x`'s dtype.
+pub fn swiglu(x: &Tensor, column: usize, width: usize) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 => swiglu_typed::<bf16>(x, column, width),
+        DType::F32 => swiglu_typed::<f32>(x, column, width),
+        other => Err(Error::Shape(format!("swiglu: unsupported dtype {other:?}"))),
+    }
+}

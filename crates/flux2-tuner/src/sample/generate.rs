@@ -1,0 +1,372 @@
+//! The generation pipeline shared by `generate` and by sample images during training: encode the
+//! prompts (text encoder loaded, used, freed), encode the control images with the AE, load the DiT
+//! with its LoRAs, sample every image, decode. Phases run one model at a time, so peak memory is
+//! the largest model, not the sum (as Musubi).
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::image_io::{image_to_tensor, read_rgb, resize_lanczos, tensor_to_image, RgbImage};
+use crate::lora::{KeyFilter, LoraFile};
+use crate::models::ae::AutoEncoder;
+use crate::models::dit::tokens::{
+    image_position_ids, pack_latents, reference_time_coordinate, text_position_ids, unpack_tokens,
+};
+use crate::models::dit::Flux2Dit;
+use crate::models::text::encoder::{TextEncoder, TextEncoderOptions};
+use crate::models::{GuidanceMode, ModelVersion};
+use crate::sample::request::ImageRequest;
+use crate::sample::schedule::{flux2_schedule, shifted_schedule};
+use crate::sample::{denoise, DenoiseInputs, Guidance};
+use crate::util::rng::SeededRng;
+
+/// Latent channels of every FLUX.2 version (32 AE channels x 2 x 2).
+pub const LATENT_CHANNELS: usize = 128;
+/// Pixels per latent cell along each side.
+pub const PIXELS_PER_LATENT: usize = 16;
+
+/// One LoRA to apply.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    pub multiplier: f64,
+    pub filter: KeyFilter,
+}
+
+/// The models and how to run them.
+#[derive(Debug, Clone)]
+pub struct GeneratorConfig {
+    pub version: ModelVersion,
+    pub dit: PathBuf,
+    pub ae: PathBuf,
+    pub text_encoder: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+    pub device: Device,
+    /// DiT compute dtype (bf16 as Musubi; f32 for exact comparisons).
+    pub dit_dtype: DType,
+    pub text_encoder_dtype: DType,
+    pub fp8_text_encoder: bool,
+    pub loras: Vec<LoraSpec>,
+    /// Merge LoRAs into the weights (fast) instead of running them as extra matmuls.
+    pub merge_loras: bool,
+    /// Use control images at their own size instead of capping their area.
+    pub no_resize_control: bool,
+}
+
+/// Progress reports of a run.
+pub trait GenerateObserver {
+    /// A phase starts (loading a model, decoding, ...).
+    fn phase(&mut self, _message: &str) {}
+    /// Sampling step `step` (0-based) of `steps` of image `image` of `images` is done.
+    fn step(&mut self, _image: usize, _images: usize, _step: usize, _steps: usize) {}
+}
+
+/// An observer that reports nothing.
+pub struct Silent;
+impl GenerateObserver for Silent {}
+
+/// Text conditioning of one request: `[1, 512, context]` and, for CFG, the negative one.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    pub positive: Tensor,
+    pub negative: Option<Tensor>,
+}
+
+/// The negative prompt used when none is given (BFL and diffusers; Musubi uses `" "`).
+pub const DEFAULT_NEGATIVE_PROMPT: &str = "";
+
+/// Encodes every request's prompt (and negative prompt for CFG versions) with the text encoder,
+/// which is freed on return.
+pub fn encode_prompts(
+    config: &GeneratorConfig,
+    requests: &[ImageRequest],
+    observer: &mut dyn GenerateObserver,
+) -> Result<Vec<Conditioning>> {
+    let info = config.version.info();
+    observer.phase(&format!(
+        "loading text encoder {}",
+        config.text_encoder.display()
+    ));
+    let mut options = TextEncoderOptions::new(
+        info.text_encoder,
+        config.device.clone(),
+        config.text_encoder_dtype,
+    );
+    options.tokenizer = config.tokenizer.clone();
+    options.placement.fp8 = config.fp8_text_encoder;
+    let encoder = TextEncoder::load(&config.text_encoder, info.text_encoder, &options)?;
+    observer.phase("encoding prompts");
+    let cfg = info.guidance == GuidanceMode::ClassifierFree;
+    requests
+        .iter()
+        .map(|request| {
+            let positive = encoder.encode(&[request.prompt.as_str()])?;
+            let negative = if cfg {
+                let text = request
+                    .negative_prompt
+                    .as_deref()
+                    .unwrap_or(DEFAULT_NEGATIVE_PROMPT);
+                Some(encoder.encode(&[text])?)
+            } else {
+                None
+            };
+            Ok(Conditioning { positive, negative })
+        })
+        .collect()
+}
+
+/// Loads the DiT with the configured LoRAs.
+pub fn load_dit(config: &GeneratorConfig, observer: &mut dyn GenerateObserver) -> Result<Flux2Dit> {
+    observer.phase(&format!("loading DiT {}", config.dit.display()));
+    let checkpoint = Checkpoint::open(&config.dit)?;
+    let mut dit = Flux2Dit::load(
+        &checkpoint,
+        Some(config.version),
+        config.dit_dtype,
+        &config.device,
+    )?;
+    for lora in &config.loras {
+        observer.phase(&format!(
+            "applying LoRA {} x {}",
+            lora.path.display(),
+            lora.multiplier
+        ));
+        let shapes = crate::lora::linear_shapes(&dit.linears_mut());
+        let file = LoraFile::load(&lora.path, &shapes, &lora.filter, &config.device)?;
+        file.apply(dit.linears_mut(), lora.multiplier, config.merge_loras)?;
+    }
+    Ok(dit)
+}
+
+/// Loads the AE (f32, as Musubi does for both directions).
+pub fn load_ae(config: &GeneratorConfig) -> Result<AutoEncoder> {
+    let checkpoint = Checkpoint::open(&config.ae)?;
+    AutoEncoder::load(&checkpoint, DType::F32, &config.device)
+}
+
+/// BFL's control-image preparation (`default_prep`): images with a side under 64 pixels or an
+/// aspect ratio over 8 are refused; an area over the cap (2024² for one image, 1024² for several)
+/// is scaled down keeping the aspect ratio (Lanczos, sizes truncated); then the centre is cropped
+/// to multiples of 16. Musubi instead resizes large images to a square of the cap, which breaks
+/// the aspect ratio and, at 2024, the 16-pixel grid; we do not copy that.
+pub fn prepare_control_image(
+    path: &std::path::Path,
+    count: usize,
+    no_resize: bool,
+) -> Result<RgbImage> {
+    let image = read_rgb(path)?;
+    let (width, height) = (image.width() as f64, image.height() as f64);
+    if width.min(height) < 64.0 || width.max(height) / width.min(height) > 8.0 {
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            message: format!(
+                "control image is {width}x{height}; it needs sides of at least 64 pixels and an aspect \
+                 ratio of at most 8"
+            ),
+        });
+    }
+    let cap = if count > 1 {
+        1024.0 * 1024.0
+    } else {
+        2024.0 * 2024.0
+    };
+    let image = if !no_resize && width * height > cap {
+        let scale = (cap / (width * height)).sqrt();
+        resize_lanczos(&image, (width * scale) as u32, (height * scale) as u32)
+    } else {
+        image
+    };
+    let (w, h) = (image.width(), image.height());
+    let (crop_w, crop_h) = (w - w % 16, h - h % 16);
+    Ok(
+        image::imageops::crop_imm(&image, (w - crop_w) / 2, (h - crop_h) / 2, crop_w, crop_h)
+            .to_image(),
+    )
+}
+
+/// Packed reference tokens `[1, r, 128]` and ids `[1, r, 4]` of a request's control images.
+pub fn encode_controls(
+    ae: &AutoEncoder,
+    request: &ImageRequest,
+    no_resize: bool,
+    device: &Device,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if request.control_images.is_empty() {
+        return Ok(None);
+    }
+    let count = request.control_images.len();
+    let mut tokens = Vec::new();
+    let mut ids = Vec::new();
+    for (index, path) in request.control_images.iter().enumerate() {
+        let image = prepare_control_image(path, count, no_resize)?;
+        let latents = ae.encode(&image_to_tensor(&image, device)?)?;
+        let (_, _, height, width) = latents.dims4()?;
+        tokens.push(pack_latents(&latents)?);
+        ids.push(image_position_ids(
+            1,
+            height,
+            width,
+            reference_time_coordinate(index),
+            device,
+        )?);
+    }
+    Ok(Some((Tensor::cat(&tokens, 1)?, Tensor::cat(&ids, 1)?)))
+}
+
+/// The initial noise of a request: `[1, 128, h/16, w/16]` standard normals from
+/// [`SeededRng`] (SplitMix64 + Box-Muller), reproducible on every device and machine.
+pub fn initial_noise(request: &ImageRequest, device: &Device) -> Result<Tensor> {
+    let (height, width) = (
+        request.height / PIXELS_PER_LATENT,
+        request.width / PIXELS_PER_LATENT,
+    );
+    let values = SeededRng::new(request.seed).normal_vec(LATENT_CHANNELS * height * width);
+    Ok(Tensor::from_vec(
+        values,
+        (1, LATENT_CHANNELS, height, width),
+        device,
+    )?)
+}
+
+/// The sigma schedule of a request.
+pub fn sigmas(request: &ImageRequest) -> Vec<f32> {
+    let tokens = (request.height / PIXELS_PER_LATENT) * (request.width / PIXELS_PER_LATENT);
+    match request.flow_shift {
+        Some(shift) => shifted_schedule(request.steps, shift),
+        None => flux2_schedule(request.steps, tokens),
+    }
+}
+
+/// Samples one request with a loaded DiT; returns latents `[1, 128, h/16, w/16]` (f32).
+pub fn sample_latents(
+    dit: &Flux2Dit,
+    version: ModelVersion,
+    conditioning: &Conditioning,
+    controls: Option<&(Tensor, Tensor)>,
+    request: &ImageRequest,
+    mut on_step: impl FnMut(usize, usize),
+) -> Result<Tensor> {
+    request.check()?;
+    let device = conditioning.positive.device().clone();
+    let (height, width) = (
+        request.height / PIXELS_PER_LATENT,
+        request.width / PIXELS_PER_LATENT,
+    );
+    let noise = pack_latents(&initial_noise(request, &device)?)?;
+    let image_ids = image_position_ids(1, height, width, 0, &device)?;
+    let text_ids = text_position_ids(1, conditioning.positive.dim(1)?, &device)?;
+    let negative_ids;
+    let guidance = match version.info().guidance {
+        GuidanceMode::Embedded => Guidance::Embedded(request.guidance as f32),
+        GuidanceMode::None => Guidance::Distilled,
+        GuidanceMode::ClassifierFree => {
+            let negative =
+                conditioning
+                    .negative
+                    .as_ref()
+                    .ok_or_else(|| Error::InvalidArgument {
+                        name: "negative prompt".into(),
+                        message: "classifier-free guidance needs a negative conditioning".into(),
+                    })?;
+            negative_ids = text_position_ids(1, negative.dim(1)?, &device)?;
+            Guidance::ClassifierFree {
+                scale: request.guidance as f32,
+                negative_text: negative,
+                negative_text_ids: &negative_ids,
+            }
+        }
+    };
+    let sigmas = sigmas(request);
+    let tokens = denoise(
+        dit,
+        &DenoiseInputs {
+            noise: &noise,
+            image_ids: &image_ids,
+            reference_tokens: controls.map(|(t, _)| t),
+            reference_ids: controls.map(|(_, i)| i),
+            text: &conditioning.positive,
+            text_ids: &text_ids,
+            sigmas: &sigmas,
+            guidance,
+        },
+        |report| {
+            on_step(report.step, report.steps);
+            Ok(())
+        },
+    )?;
+    unpack_tokens(&tokens, height, width)
+}
+
+/// Decodes latents `[1, 128, h, w]` to an RGB image.
+pub fn decode_image(ae: &AutoEncoder, latents: &Tensor) -> Result<RgbImage> {
+    tensor_to_image(&ae.decode(&latents.to_dtype(DType::F32)?)?)
+}
+
+/// A generated image and its latents.
+pub struct Generated {
+    pub request: ImageRequest,
+    pub latents: Tensor,
+    pub image: Option<RgbImage>,
+}
+
+/// The whole pipeline for several requests: text, controls, DiT sampling, decoding (skipped when
+/// `decode` is false).
+pub fn generate(
+    config: &GeneratorConfig,
+    requests: &[ImageRequest],
+    decode: bool,
+    observer: &mut dyn GenerateObserver,
+) -> Result<Vec<Generated>> {
+    for request in requests {
+        request.check()?;
+    }
+    let conditioning = encode_prompts(config, requests, observer)?;
+    let needs_ae = decode || requests.iter().any(|r| !r.control_images.is_empty());
+    let ae = if needs_ae {
+        observer.phase(&format!("loading AE {}", config.ae.display()));
+        Some(load_ae(config)?)
+    } else {
+        None
+    };
+    let mut controls = Vec::with_capacity(requests.len());
+    for request in requests {
+        controls.push(match &ae {
+            Some(ae) => encode_controls(ae, request, config.no_resize_control, &config.device)?,
+            None => None,
+        });
+    }
+    let dit = load_dit(config, observer)?;
+    observer.phase("sampling");
+    let images = requests.len();
+    let mut latents = Vec::with_capacity(images);
+    for (index, request) in requests.iter().enumerate() {
+        latents.push(sample_latents(
+            &dit,
+            config.version,
+            &conditioning[index],
+            controls[index].as_ref(),
+            request,
+            |step, steps| observer.step(index, images, step, steps),
+        )?);
+    }
+    drop(dit);
+    let mut out = Vec::with_capacity(images);
+    for (request, latents) in requests.iter().zip(latents) {
+        let image = match (&ae, decode) {
+            (Some(ae), true) => {
+                observer.phase("decoding");
+                Some(decode_image(ae, &latents)?)
+            }
+            _ => None,
+        };
+        out.push(Generated {
+            request: request.clone(),
+            latents,
+            image,
+        });
+    }
+    Ok(out)
+}
