@@ -14,7 +14,9 @@ pub fn parse_device(value: Option<&str>) -> Result<Device> {
                 bail!("--device {name}: this build has no CUDA support; rebuild with `--features cuda`");
             }
             let index = name.strip_prefix("cuda:").unwrap_or("0");
-            let index: usize = index.parse().map_err(|_| anyhow::anyhow!("--device {name}: bad GPU index"))?;
+            let index: usize = index
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--device {name}: bad GPU index"))?;
             Ok(Device::new_cuda(index)?)
         }
         Some(other) => bail!("--device: `{other}` is not cpu, cuda or cuda:N"),

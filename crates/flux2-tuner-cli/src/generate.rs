@@ -10,7 +10,7 @@ use flux2_tuner::image_io::write_png;
 use flux2_tuner::lora::KeyFilter;
 use flux2_tuner::models::ModelVersion;
 use flux2_tuner::sample::generate::{
-    decode_image, generate, load_dit, GenerateObserver, GeneratorConfig, LoraSpec,
+    decode_image, generate, load_dit, preflight, GenerateObserver, GeneratorConfig, LoraSpec,
 };
 use flux2_tuner::sample::{parse_prompt_file, parse_prompt_line, ImageRequest};
 
@@ -155,12 +155,16 @@ fn output_type(value: &str) -> Result<OutputType> {
         "images" => OutputType::Images,
         "latent" => OutputType::Latent,
         "both" | "latent_images" => OutputType::Both,
-        other => bail!("--output_type: `{other}` is not one of images, latent, both (latent_images)"),
+        other => {
+            bail!("--output_type: `{other}` is not one of images, latent, both (latent_images)")
+        }
     })
 }
 
 fn required<'a>(value: &'a Option<PathBuf>, flag: &str) -> Result<&'a PathBuf> {
-    value.as_ref().with_context(|| format!("{flag} is required"))
+    value
+        .as_ref()
+        .with_context(|| format!("{flag} is required"))
 }
 
 /// Refuses flags this build cannot honour, with the reason.
@@ -186,12 +190,17 @@ fn lora_specs(args: &GenerateArgs) -> Result<Vec<LoraSpec>> {
         ("--exclude_patterns", args.exclude_patterns.len()),
     ] {
         if count > args.lora_weight.len() {
-            bail!("{flag}: {count} values for {} --lora_weight files", args.lora_weight.len());
+            bail!(
+                "{flag}: {count} values for {} --lora_weight files",
+                args.lora_weight.len()
+            );
         }
     }
     let regex = |flag: &str, pattern: Option<&String>| -> Result<Option<regex::Regex>> {
         pattern
-            .map(|p| regex::Regex::new(p).with_context(|| format!("{flag}: `{p}` is not a valid regex")))
+            .map(|p| {
+                regex::Regex::new(p).with_context(|| format!("{flag}: `{p}` is not a valid regex"))
+            })
             .transpose()
     };
     args.lora_weight
@@ -214,8 +223,12 @@ fn lora_specs(args: &GenerateArgs) -> Result<Vec<LoraSpec>> {
 fn requests(args: &GenerateArgs, version: ModelVersion) -> Result<Vec<ImageRequest>> {
     let info = version.info();
     let guidance = match info.guidance {
-        flux2_tuner::models::GuidanceMode::Embedded => args.embedded_cfg_scale.unwrap_or(info.default_guidance),
-        flux2_tuner::models::GuidanceMode::ClassifierFree => args.guidance_scale.unwrap_or(info.default_guidance),
+        flux2_tuner::models::GuidanceMode::Embedded => {
+            args.embedded_cfg_scale.unwrap_or(info.default_guidance)
+        }
+        flux2_tuner::models::GuidanceMode::ClassifierFree => {
+            args.guidance_scale.unwrap_or(info.default_guidance)
+        }
         flux2_tuner::models::GuidanceMode::None => 1.0,
     };
     let defaults = ImageRequest {
@@ -233,7 +246,8 @@ fn requests(args: &GenerateArgs, version: ModelVersion) -> Result<Vec<ImageReque
         if args.interactive {
             bail!("--from_file and --interactive cannot be combined");
         }
-        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read --from_file {}", file.display()))?;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read --from_file {}", file.display()))?;
         parse_prompt_file(&text, &defaults)?
     } else if args.interactive {
         let mut requests = Vec::new();
@@ -283,11 +297,16 @@ fn time_stamp() -> String {
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z - era * 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{:03}",
@@ -299,7 +318,11 @@ fn time_stamp() -> String {
 }
 
 /// The parameters stored with each output.
-fn parameters(request: &ImageRequest, version: ModelVersion, loras: &[LoraSpec]) -> Vec<(String, String)> {
+fn parameters(
+    request: &ImageRequest,
+    version: ModelVersion,
+    loras: &[LoraSpec],
+) -> Vec<(String, String)> {
     let lora_text: Vec<String> = loras
         .iter()
         .map(|l| format!("{}:{}", l.path.display(), l.multiplier))
@@ -329,11 +352,20 @@ fn parameters(request: &ImageRequest, version: ModelVersion, loras: &[LoraSpec])
         version.name(),
         if lora_text.is_empty() { String::new() } else { format!(", LoRAs: {}", lora_text.join(" ")) }
     );
-    vec![("parameters".into(), summary), ("flux2_tuner".into(), json.to_string())]
+    vec![
+        ("parameters".into(), summary),
+        ("flux2_tuner".into(), json.to_string()),
+    ]
 }
 
 /// Saves a latent as Musubi does: key `latent` `[128, h, w]` plus string metadata.
-fn save_latent(path: &Path, latents: &Tensor, request: &ImageRequest, version: ModelVersion, metadata: bool) -> Result<()> {
+fn save_latent(
+    path: &Path,
+    latents: &Tensor,
+    request: &ImageRequest,
+    version: ModelVersion,
+    metadata: bool,
+) -> Result<()> {
     let mut info = std::collections::HashMap::new();
     if metadata {
         for (key, value) in [
@@ -373,7 +405,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         text_encoder: args.text_encoder.clone().unwrap_or_default(),
         tokenizer: args.tokenizer.clone(),
         device: device.clone(),
-        dit_dtype: if args.dit_f32 { DType::F32 } else { DType::BF16 },
+        dit_dtype: if args.dit_f32 {
+            DType::F32
+        } else {
+            DType::BF16
+        },
         text_encoder_dtype: DType::BF16,
         fp8_text_encoder: args.fp8_text_encoder,
         loras: loras.clone(),
@@ -382,9 +418,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     };
     if let Some(target) = &args.save_merged_model {
         let mut observer = StepProgress::new();
-        let mut dit = load_dit(&config, &mut observer)?;
+        let loras = preflight(&config, false, false)?;
+        let mut dit = load_dit(&config, &loras, &mut observer)?;
         save_safetensors(target, &dit.state_dict(), None)?;
-        eprintln!("saved the merged DiT to {} (no images generated)", target.display());
+        eprintln!(
+            "saved the merged DiT to {} (no images generated)",
+            target.display()
+        );
         return Ok(());
     }
     required(&args.vae, "--vae")?;
@@ -394,19 +434,35 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 
     let start = Instant::now();
     let mut observer = StepProgress::new();
-    let generated = generate(&config, &requests, output != OutputType::Latent, &mut observer)?;
+    let generated = generate(
+        &config,
+        &requests,
+        output != OutputType::Latent,
+        &mut observer,
+    )?;
     let total_steps = observer.finish();
-    std::fs::create_dir_all(save_path).with_context(|| format!("cannot create {}", save_path.display()))?;
+    std::fs::create_dir_all(save_path)
+        .with_context(|| format!("cannot create {}", save_path.display()))?;
     for item in &generated {
         let stem = format!("{}_{}", time_stamp(), item.request.seed);
         if output != OutputType::Images {
             let path = save_path.join(format!("{stem}_latent.safetensors"));
-            save_latent(&path, &item.latents, &item.request, version, !args.no_metadata)?;
+            save_latent(
+                &path,
+                &item.latents,
+                &item.request,
+                version,
+                !args.no_metadata,
+            )?;
             eprintln!("saved {}", path.display());
         }
         if let Some(image) = &item.image {
             let path = save_path.join(format!("{stem}.png"));
-            let text = if args.no_metadata { Vec::new() } else { parameters(&item.request, version, &loras) };
+            let text = if args.no_metadata {
+                Vec::new()
+            } else {
+                parameters(&item.request, version, &loras)
+            };
             write_png(&path, image, &text)?;
             eprintln!("saved {}", path.display());
         }
@@ -424,8 +480,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 fn decode_latent_files(args: &GenerateArgs, device: &candle_core::Device) -> Result<()> {
     let save_path = required(&args.save_path, "--save_path")?;
     let vae = required(&args.vae, "--vae")?;
-    let ae = flux2_tuner::models::ae::AutoEncoder::load(&Checkpoint::open(vae)?, DType::F32, device)?;
-    std::fs::create_dir_all(save_path).with_context(|| format!("cannot create {}", save_path.display()))?;
+    let ae =
+        flux2_tuner::models::ae::AutoEncoder::load(&Checkpoint::open(vae)?, DType::F32, device)?;
+    std::fs::create_dir_all(save_path)
+        .with_context(|| format!("cannot create {}", save_path.display()))?;
     for path in &args.latent_path {
         let checkpoint = Checkpoint::open(path)?;
         let mut latent = checkpoint
@@ -438,8 +496,16 @@ fn decode_latent_files(args: &GenerateArgs, device: &candle_core::Device) -> Res
             latent = latent.unsqueeze(0)?;
         }
         let image = decode_image(&ae, &latent)?;
-        let seed = checkpoint.metadata().get("seeds").cloned().unwrap_or_else(|| "0".into());
-        let mut text: Vec<(String, String)> = checkpoint.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let seed = checkpoint
+            .metadata()
+            .get("seeds")
+            .cloned()
+            .unwrap_or_else(|| "0".into());
+        let mut text: Vec<(String, String)> = checkpoint
+            .metadata()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if args.no_metadata {
             text.clear();
         }

@@ -42,8 +42,10 @@ impl StepProgress {
         let bar = self.bar.get_or_insert_with(|| {
             let bar = ProgressBar::new((steps * images) as u64);
             bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps {per_sec} eta {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} steps {per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar
         });

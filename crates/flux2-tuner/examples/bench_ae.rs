@@ -51,10 +51,12 @@ fn parse_options() -> BenchResult<Options> {
             "--repeats" => options.repeats = value.parse::<usize>()?.max(1),
             "--mode" => options.encode = value != "decode",
             "--reference" => options.reference = value != "no",
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "unknown option {flag}; expected --size, --threads, --repeats, --mode, --reference"
             )
-            .into()),
+                .into())
+            }
         }
     }
     if options.size % 16 != 0 || options.size == 0 {

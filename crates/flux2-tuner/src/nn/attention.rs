@@ -11,7 +11,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::nn::amx::{self, PackedB, Tiles, BLOCK_ROWS};
-use crate::nn::host::{is_plain_cpu, with_data, SharedOutput};
+use crate::nn::fused::round_to_bf16;
+use crate::nn::host::{is_plain_cpu, vectorised, with_data, SharedOutput};
 use crate::nn::softmax::softmax_row;
 
 /// Largest number of score elements (`batch * heads * query_rows * keys`) computed at once on the
@@ -174,54 +175,56 @@ fn fused_bf16(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         (0..pairs * shapes.query_blocks())
             .into_par_iter()
             .for_each(|task| {
-                let (bh, block) = (task / shapes.query_blocks(), task % shapes.query_blocks());
-                let (packed_k, packed_v) = &packed[bh];
-                let Some(tiles) = Tiles::configure() else {
-                    return;
-                };
-                let first = block * BLOCK_ROWS;
-                let rows = (queries - first).min(BLOCK_ROWS);
-                let q_rows = &qs[(bh * queries + first) * head_dim..];
-                let depth = packed_k.padded_depth();
-                let padded;
-                let (a, lda) = if rows == BLOCK_ROWS && depth == head_dim {
-                    (q_rows, head_dim)
-                } else {
-                    padded = amx::padded_block(q_rows, rows, head_dim, head_dim, depth);
-                    (padded.as_slice(), depth)
-                };
-                let width = packed_k.padded_columns();
-                let mut scores = vec![0f32; BLOCK_ROWS * width];
-                tiles.multiply_row_block(a, lda, packed_k, &mut scores, width);
-                let probability_width = packed_v.padded_depth();
-                let mut probabilities = vec![bf16::ZERO; BLOCK_ROWS * probability_width];
-                for r in 0..rows {
-                    softmax_row(
-                        &mut scores[r * width..r * width + keys],
-                        scale,
-                        &mut probabilities[r * probability_width..r * probability_width + keys],
-                    );
-                }
-                let out_width = packed_v.padded_columns();
-                let mut values = vec![0f32; BLOCK_ROWS * out_width];
-                tiles.multiply_row_block(
-                    &probabilities,
-                    probability_width,
-                    packed_v,
-                    &mut values,
-                    out_width,
-                );
-                for r in 0..rows {
-                    for j in 0..head_dim {
-                        // SAFETY: each (bh, row, j) belongs to exactly one task; the index is in bounds.
-                        unsafe {
-                            target.write(
-                                shapes.output_index(bh, first + r, j),
-                                bf16::from_f32(values[r * out_width + j]),
-                            )
-                        };
+                vectorised(|| {
+                    let (bh, block) = (task / shapes.query_blocks(), task % shapes.query_blocks());
+                    let (packed_k, packed_v) = &packed[bh];
+                    let Some(tiles) = Tiles::configure() else {
+                        return;
+                    };
+                    let first = block * BLOCK_ROWS;
+                    let rows = (queries - first).min(BLOCK_ROWS);
+                    let q_rows = &qs[(bh * queries + first) * head_dim..];
+                    let depth = packed_k.padded_depth();
+                    let padded;
+                    let (a, lda) = if rows == BLOCK_ROWS && depth == head_dim {
+                        (q_rows, head_dim)
+                    } else {
+                        padded = amx::padded_block(q_rows, rows, head_dim, head_dim, depth);
+                        (padded.as_slice(), depth)
+                    };
+                    let width = packed_k.padded_columns();
+                    let mut scores = vec![0f32; BLOCK_ROWS * width];
+                    tiles.multiply_row_block(a, lda, packed_k, &mut scores, width);
+                    let probability_width = packed_v.padded_depth();
+                    let mut probabilities = vec![bf16::ZERO; BLOCK_ROWS * probability_width];
+                    for r in 0..rows {
+                        softmax_row(
+                            &mut scores[r * width..r * width + keys],
+                            scale,
+                            &mut probabilities[r * probability_width..r * probability_width + keys],
+                        );
                     }
-                }
+                    let out_width = packed_v.padded_columns();
+                    let mut values = vec![0f32; BLOCK_ROWS * out_width];
+                    tiles.multiply_row_block(
+                        &probabilities,
+                        probability_width,
+                        packed_v,
+                        &mut values,
+                        out_width,
+                    );
+                    for r in 0..rows {
+                        for j in 0..head_dim {
+                            // SAFETY: each (bh, row, j) belongs to exactly one task; the index is in bounds.
+                            unsafe {
+                                target.write(
+                                    shapes.output_index(bh, first + r, j),
+                                    round_to_bf16(values[r * out_width + j]),
+                                )
+                            };
+                        }
+                    }
+                })
             });
         Ok(())
     })?;
@@ -254,73 +257,75 @@ fn fused_f32(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         (0..pairs * shapes.query_blocks())
             .into_par_iter()
             .for_each(|task| {
-                let (bh, block) = (task / shapes.query_blocks(), task % shapes.query_blocks());
-                let first = block * BLOCK_ROWS;
-                let rows = (queries - first).min(BLOCK_ROWS);
-                let q_rows = &qs[(bh * queries + first) * head_dim..];
-                let (k_head, v_head) = (
-                    &ks[bh * head..bh * head + head],
-                    &vs[bh * head..bh * head + head],
-                );
-                let mut scores = vec![0f32; rows * keys];
-                // SAFETY: all pointers and strides describe the slices above: q rows `[rows, d]`,
-                // K^T as `[d, keys]` (column stride d), scores `[rows, keys]`.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        keys,
-                        head_dim,
-                        scores.as_mut_ptr(),
-                        1,
-                        keys as isize,
-                        false,
-                        q_rows.as_ptr(),
-                        1,
-                        head_dim as isize,
-                        k_head.as_ptr(),
-                        head_dim as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                vectorised(|| {
+                    let (bh, block) = (task / shapes.query_blocks(), task % shapes.query_blocks());
+                    let first = block * BLOCK_ROWS;
+                    let rows = (queries - first).min(BLOCK_ROWS);
+                    let q_rows = &qs[(bh * queries + first) * head_dim..];
+                    let (k_head, v_head) = (
+                        &ks[bh * head..bh * head + head],
+                        &vs[bh * head..bh * head + head],
                     );
-                }
-                let mut probabilities = vec![0f32; rows * keys];
-                for (row, out_row) in scores
-                    .chunks_exact_mut(keys)
-                    .zip(probabilities.chunks_exact_mut(keys))
-                {
-                    softmax_row(row, scale, out_row);
-                }
-                let destination = shapes.output_index(bh, first, 0);
-                // SAFETY: p `[rows, keys]`, V `[keys, d]`; the destination rows `first..first + rows`
-                // of this head (row stride heads * d) are written by this task only.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        head_dim,
-                        keys,
-                        target.pointer().add(destination),
-                        1,
-                        row_stride as isize,
-                        false,
-                        probabilities.as_ptr(),
-                        1,
-                        keys as isize,
-                        v_head.as_ptr(),
-                        1,
-                        head_dim as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                    let mut scores = vec![0f32; rows * keys];
+                    // SAFETY: all pointers and strides describe the slices above: q rows `[rows, d]`,
+                    // K^T as `[d, keys]` (column stride d), scores `[rows, keys]`.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            keys,
+                            head_dim,
+                            scores.as_mut_ptr(),
+                            1,
+                            keys as isize,
+                            false,
+                            q_rows.as_ptr(),
+                            1,
+                            head_dim as isize,
+                            k_head.as_ptr(),
+                            head_dim as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    let mut probabilities = vec![0f32; rows * keys];
+                    for (row, out_row) in scores
+                        .chunks_exact_mut(keys)
+                        .zip(probabilities.chunks_exact_mut(keys))
+                    {
+                        softmax_row(row, scale, out_row);
+                    }
+                    let destination = shapes.output_index(bh, first, 0);
+                    // SAFETY: p `[rows, keys]`, V `[keys, d]`; the destination rows `first..first + rows`
+                    // of this head (row stride heads * d) are written by this task only.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            head_dim,
+                            keys,
+                            target.pointer().add(destination),
+                            1,
+                            row_stride as isize,
+                            false,
+                            probabilities.as_ptr(),
+                            1,
+                            keys as isize,
+                            v_head.as_ptr(),
+                            1,
+                            head_dim as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                })
             });
         Ok(())
     })?;

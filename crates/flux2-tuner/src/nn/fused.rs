@@ -42,14 +42,28 @@ impl Element for f32 {
     }
 }
 
+/// f32 to bf16 rounding to nearest even, as `half::bf16::from_f32` but without branches (so that
+/// loops over it vectorise). NaN becomes the canonical quiet NaN.
+#[inline(always)]
+pub fn round_to_bf16(value: f32) -> bf16 {
+    let bits = value.to_bits();
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1));
+    let result = if value.is_nan() {
+        0x7FC0
+    } else {
+        (rounded >> 16) as u16
+    };
+    bf16::from_bits(result)
+}
+
 impl Element for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        f32::from_bits(u32::from(self.to_bits()) << 16)
     }
     #[inline(always)]
     fn from_f32(value: f32) -> Self {
-        bf16::from_f32(value)
+        round_to_bf16(value)
     }
     fn slice(storage: &CpuStorage) -> Option<&[Self]> {
         match storage {
@@ -230,27 +244,31 @@ pub struct QkNormRope<'a> {
 }
 
 /// RMSNorm of one head vector (normalise in f32, round, multiply by the scale, round: BFL's
-/// order), then the rotation of its interleaved pairs in f32, rounded once more.
+/// order), then the rotation of its interleaved pairs in f32, rounded once more. `normalised` is
+/// scratch of the head's length.
 #[inline(always)]
 fn norm_rope_head<T: Element>(
     input: &[T],
-    scale: &[T],
+    scale: &[f32],
     eps: f32,
     cos: &[f32],
     sin: &[f32],
+    normalised: &mut [f32],
     out: &mut [T],
 ) {
-    let mean_square =
-        input.iter().map(|v| v.to_f32() * v.to_f32()).sum::<f32>() / input.len() as f32;
+    for (n, v) in normalised.iter_mut().zip(input) {
+        *n = v.to_f32();
+    }
+    let mean_square = normalised.iter().map(|v| v * v).sum::<f32>() / input.len() as f32;
     let inverse = 1.0 / (mean_square + eps).sqrt();
-    for i in 0..cos.len() {
-        let normalise = |j: usize| -> f32 {
-            let rounded = T::from_f32(input[j].to_f32() * inverse).to_f32();
-            T::from_f32(rounded * scale[j].to_f32()).to_f32()
-        };
-        let (even, odd) = (normalise(2 * i), normalise(2 * i + 1));
-        out[2 * i] = T::from_f32(even * cos[i] - odd * sin[i]);
-        out[2 * i + 1] = T::from_f32(even * sin[i] + odd * cos[i]);
+    for (n, s) in normalised.iter_mut().zip(scale) {
+        let rounded = T::from_f32(*n * inverse).to_f32();
+        *n = T::from_f32(rounded * s).to_f32();
+    }
+    let pairs = normalised.chunks_exact(2).zip(out.chunks_exact_mut(2));
+    for ((pair, rotated), (c, s)) in pairs.zip(cos.iter().zip(sin)) {
+        rotated[0] = T::from_f32(pair[0] * c - pair[1] * s);
+        rotated[1] = T::from_f32(pair[0] * s + pair[1] * c);
     }
 }
 
@@ -287,14 +305,15 @@ fn qk_norm_rope_typed<T: Element>(
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1()?;
-    let query_scale: Vec<T> = parameters
-        .query_scale
-        .to_dtype(<T as candle_core::WithDType>::DTYPE)?
-        .to_vec1()?;
-    let key_scale: Vec<T> = parameters
-        .key_scale
-        .to_dtype(<T as candle_core::WithDType>::DTYPE)?
-        .to_vec1()?;
+    // The scales rounded to the activation dtype (as the op chain multiplies them), held in f32.
+    let scale_values = |scale: &Tensor| -> Result<Vec<f32>> {
+        let rounded = scale.to_dtype(<T as candle_core::WithDType>::DTYPE)?;
+        Ok(rounded.to_dtype(DType::F32)?.to_vec1()?)
+    };
+    let (query_scale, key_scale) = (
+        scale_values(parameters.query_scale)?,
+        scale_values(parameters.key_scale)?,
+    );
     let eps = parameters.eps as f32;
     let per_output = batch * heads * length * head_dim;
     let zero = T::from_f32(0.0);
@@ -314,6 +333,7 @@ fn qk_norm_rope_typed<T: Element>(
                 vectorised(|| {
                     let (sample, head) = (bh / heads, bh % heads);
                     let table_sample = if table_batch == 1 { 0 } else { sample };
+                    let mut normalised = vec![0f32; head_dim];
                     for token in 0..length {
                         let row = &values[(sample * length + token) * width + column..];
                         let table =
@@ -329,6 +349,7 @@ fn qk_norm_rope_typed<T: Element>(
                             eps,
                             cos,
                             sin,
+                            &mut normalised,
                             &mut q_slab[out.clone()],
                         );
                         norm_rope_head(
@@ -337,6 +358,7 @@ fn qk_norm_rope_typed<T: Element>(
                             eps,
                             cos,
                             sin,
+                            &mut normalised,
                             &mut k_slab[out.clone()],
                         );
                         v_slab[out].copy_from_slice(part(2));

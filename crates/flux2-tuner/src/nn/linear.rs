@@ -7,7 +7,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::nn::amx::{self, PackedB, Tiles, BLOCK_ROWS};
-use crate::nn::host::{is_plain_cpu, with_data, SharedOutput};
+use crate::nn::fused::round_to_bf16;
+use crate::nn::host::{is_plain_cpu, vectorised, with_data, SharedOutput};
 
 /// A low-rank update `scale * up @ down` attached to a [`Linear`].
 #[derive(Debug, Clone)]
@@ -81,14 +82,21 @@ fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
                     };
                     let mut block_out = vec![0f32; BLOCK_ROWS * width];
                     tiles.multiply_row_block(a, lda, &packed, &mut block_out, width);
+                    // Round row by row (vectorised), then transpose into the output.
+                    let mut rounded = vec![bf16::ZERO; count * rows];
+                    vectorised(|| {
+                        for (i, out_row) in rounded.chunks_exact_mut(rows).enumerate() {
+                            let values = &block_out[i * width..i * width + rows];
+                            for (o, &v) in out_row.iter_mut().zip(values) {
+                                *o = round_to_bf16(v);
+                            }
+                        }
+                    });
                     for r in 0..rows {
                         for i in 0..count {
                             // SAFETY: output features `first..first + count` belong to this task only.
                             unsafe {
-                                target.write(
-                                    r * out_features + first + i,
-                                    bf16::from_f32(block_out[i * width + r]),
-                                )
+                                target.write(r * out_features + first + i, rounded[i * rows + r])
                             };
                         }
                     }

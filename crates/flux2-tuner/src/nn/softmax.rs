@@ -2,7 +2,7 @@
 //! from its SIMD exp). candle's `softmax_last_dim` calls the scalar libm `expf` per element, which
 //! took as long as all the attention matmuls together.
 
-use half::bf16;
+use crate::nn::fused::Element;
 
 /// `ln 2` split into a part exact in f32 and the remainder (Cody-Waite range reduction).
 const LN2_HIGH: f32 = 0.693_359_4;
@@ -102,27 +102,8 @@ pub fn shifted_exp(row: &mut [f32], scale: f32) -> f32 {
     shifted_exp_generic(row, scale)
 }
 
-/// An element type a softmax can be written in.
-pub trait SoftmaxOutput: Copy + Send + Sync {
-    fn from_f32(value: f32) -> Self;
-}
-
-impl SoftmaxOutput for f32 {
-    #[inline(always)]
-    fn from_f32(value: f32) -> Self {
-        value
-    }
-}
-
-impl SoftmaxOutput for bf16 {
-    #[inline(always)]
-    fn from_f32(value: f32) -> Self {
-        bf16::from_f32(value)
-    }
-}
-
 /// `out = softmax(scale * row)`, computed in f32 (`row` is overwritten) and rounded once to `T`.
-pub fn softmax_row<T: SoftmaxOutput>(row: &mut [f32], scale: f32, out: &mut [T]) {
+pub fn softmax_row<T: Element>(row: &mut [f32], scale: f32, out: &mut [T]) {
     let inverse = 1.0 / shifted_exp(row, scale);
     for (o, &value) in out.iter_mut().zip(row.iter()) {
         *o = T::from_f32(value * inverse);

@@ -11,12 +11,13 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::image_io::{image_to_tensor, read_rgb, resize_lanczos, tensor_to_image, RgbImage};
 use crate::lora::{KeyFilter, LoraFile};
-use crate::models::ae::AutoEncoder;
+use crate::models::ae::{check_ae_checkpoint, AutoEncoder};
 use crate::models::dit::tokens::{
     image_position_ids, pack_latents, reference_time_coordinate, text_position_ids, unpack_tokens,
 };
-use crate::models::dit::Flux2Dit;
-use crate::models::text::encoder::{TextEncoder, TextEncoderOptions};
+use crate::models::dit::{check_dit_checkpoint, DitConfig, Flux2Dit};
+use crate::models::text::encoder::{TextEncoder, TextEncoderCheckpoint, TextEncoderOptions};
+use crate::models::text::tokenizer::locate_tokenizer;
 use crate::models::{GuidanceMode, ModelVersion};
 use crate::sample::request::ImageRequest;
 use crate::sample::schedule::{flux2_schedule, shifted_schedule};
@@ -118,8 +119,44 @@ pub fn encode_prompts(
         .collect()
 }
 
-/// Loads the DiT with the configured LoRAs.
-pub fn load_dit(config: &GeneratorConfig, observer: &mut dyn GenerateObserver) -> Result<Flux2Dit> {
+/// Reads the LoRA files against the DiT's layer shapes (errors for files of another model).
+pub fn load_loras(config: &GeneratorConfig, dit: &DitConfig) -> Result<Vec<(LoraFile, f64)>> {
+    let shapes = dit.linear_shapes();
+    config
+        .loras
+        .iter()
+        .map(|lora| {
+            Ok((
+                LoraFile::load(&lora.path, &shapes, &lora.filter, &config.device)?,
+                lora.multiplier,
+            ))
+        })
+        .collect()
+}
+
+/// Checks every input before any model runs: the DiT's keys, shapes and version, the LoRAs
+/// against it, and (when `text` / `ae` are set) the text encoder with its tokenizer and the AE.
+/// Reads headers, LoRA tensors and the tokenizer only.
+pub fn preflight(config: &GeneratorConfig, text: bool, ae: bool) -> Result<Vec<(LoraFile, f64)>> {
+    let dit = check_dit_checkpoint(&Checkpoint::open(&config.dit)?, Some(config.version))?;
+    let loras = load_loras(config, &dit)?;
+    if text {
+        let kind = config.version.info().text_encoder;
+        TextEncoderCheckpoint::open(&config.text_encoder, kind)?;
+        locate_tokenizer(&config.text_encoder, config.tokenizer.as_deref())?;
+    }
+    if ae {
+        check_ae_checkpoint(&Checkpoint::open(&config.ae)?)?;
+    }
+    Ok(loras)
+}
+
+/// Loads the DiT and applies the LoRAs (merged, or as adapters when `merge_loras` is off).
+pub fn load_dit(
+    config: &GeneratorConfig,
+    loras: &[(LoraFile, f64)],
+    observer: &mut dyn GenerateObserver,
+) -> Result<Flux2Dit> {
     observer.phase(&format!("loading DiT {}", config.dit.display()));
     let checkpoint = Checkpoint::open(&config.dit)?;
     let mut dit = Flux2Dit::load(
@@ -128,15 +165,12 @@ pub fn load_dit(config: &GeneratorConfig, observer: &mut dyn GenerateObserver) -
         config.dit_dtype,
         &config.device,
     )?;
-    for lora in &config.loras {
+    for (file, multiplier) in loras {
         observer.phase(&format!(
-            "applying LoRA {} x {}",
-            lora.path.display(),
-            lora.multiplier
+            "applying LoRA {} x {multiplier}",
+            file.path.display()
         ));
-        let shapes = crate::lora::linear_shapes(&dit.linears_mut());
-        let file = LoraFile::load(&lora.path, &shapes, &lora.filter, &config.device)?;
-        file.apply(dit.linears_mut(), lora.multiplier, config.merge_loras)?;
+        file.apply(dit.linears_mut(), *multiplier, config.merge_loras)?;
     }
     Ok(dit)
 }
@@ -323,8 +357,9 @@ pub fn generate(
     for request in requests {
         request.check()?;
     }
-    let conditioning = encode_prompts(config, requests, observer)?;
     let needs_ae = decode || requests.iter().any(|r| !r.control_images.is_empty());
+    let loras = preflight(config, true, needs_ae)?;
+    let conditioning = encode_prompts(config, requests, observer)?;
     let ae = if needs_ae {
         observer.phase(&format!("loading AE {}", config.ae.display()));
         Some(load_ae(config)?)
@@ -338,7 +373,7 @@ pub fn generate(
             None => None,
         });
     }
-    let dit = load_dit(config, observer)?;
+    let dit = load_dit(config, &loras, observer)?;
     observer.phase("sampling");
     let images = requests.len();
     let mut latents = Vec::with_capacity(images);

@@ -75,12 +75,14 @@ pub fn parse_prompt_line(line: &str, defaults: &ImageRequest) -> Result<ImageReq
             "n" => request.negative_prompt = Some(value.to_string()),
             "ci" => request.control_images.push(PathBuf::from(value)),
             "i" => {}
-            _ => return Err(Error::InvalidArgument {
-                name: format!("prompt line `{line}`"),
-                message: format!(
+            _ => {
+                return Err(Error::InvalidArgument {
+                    name: format!("prompt line `{line}`"),
+                    message: format!(
                     "unknown option --{option}; known: --w --h --s --d --g --l --fs --n --ci --i"
                 ),
-            }),
+                })
+            }
         }
     }
     if request.control_images.is_empty() {

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::kernels;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
@@ -140,38 +141,6 @@ impl Conv2d {
         self.narrow_output(y.reshape((batch, out, height, width))?)
     }
 
-    /// A stride-1 convolution of an already padded strip [b, c, rows + k - 1, width + k - 1] as a
-    /// sum of k*k matrix products, one per kernel tap: over the flattened padded strip, the
-    /// input of tap (ky, kx) is the contiguous run starting at `ky * padded_width + kx`, so no
-    /// im2col copy is made. Outputs are computed on the padded width and the k - 1 extra columns
-    /// per row dropped at the end.
-    fn shifted_products(&self, strip: &Tensor, rows: usize, width: usize) -> Result<Tensor> {
-        let (batch, channels, padded_rows, padded_width) = strip.dims4()?;
-        let (out_channels, _, kernel, _) = self.weight.dims4()?;
-        let flat = strip.reshape((batch, channels, padded_rows * padded_width))?;
-        let length = rows * padded_width - (kernel - 1);
-        let mut sum: Option<Tensor> = None;
-        for ky in 0..kernel {
-            for kx in 0..kernel {
-                let tap = self
-                    .taps
-                    .get(ky * kernel + kx)
-                    .ok_or_else(|| candle_core::Error::Msg("convolution taps missing".into()))?;
-                let input = flat.narrow(2, ky * padded_width + kx, length)?;
-                let product = tap.broadcast_left(batch)?.matmul(&input)?;
-                sum = Some(match sum {
-                    Some(sum) => (sum + product)?,
-                    None => product,
-                });
-            }
-        }
-        let sum = sum.ok_or_else(|| candle_core::Error::Msg("empty convolution kernel".into()))?;
-        Ok(sum
-            .pad_with_zeros(2, 0, kernel - 1)?
-            .reshape((batch, out_channels, rows, padded_width))?
-            .narrow(3, 0, width)?)
-    }
-
     /// Convolves `x` (nearest-x2 upsampled first when `upsample`), zero-padded by `padding`, with
     /// stride `stride`. Output rows are computed in strips that each read only the input rows
     /// they need, so no full-size padded, upsampled or im2col copy of the input is made.
@@ -229,12 +198,13 @@ impl Conv2d {
                     padding.right,
                 )?)?
                 .contiguous()?;
-            let y = if stride == 1 {
-                self.shifted_products(&strip, rows, out_width)?
+            let y = if stride == 1 && strip.device().is_cpu() && strip.dtype() == DType::F32 {
+                kernels::shifted_convolution(&strip, &self.taps, &self.bias, kernel)?
             } else {
-                strip.conv2d(&self.weight, 0, stride, 1, 1)?
-            }
-            .broadcast_add(&bias)?;
+                strip
+                    .conv2d(&self.weight, 0, stride, 1, 1)?
+                    .broadcast_add(&bias)?
+            };
             let y = self.narrow_output(y)?;
             if row == 0 && rows == out_height {
                 return Ok(y);
@@ -258,15 +228,22 @@ impl Conv2d {
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
+    /// The same values in host memory, for the CPU kernel.
+    host_weight: Vec<f32>,
+    host_bias: Vec<f32>,
     num_groups: usize,
     eps: f64,
 }
 
 impl GroupNorm {
     pub fn load(weights: &AeWeights, prefix: &str) -> Result<Self> {
+        let weight = weights.tensor_f32(&format!("{prefix}.weight"))?;
+        let bias = weights.tensor_f32(&format!("{prefix}.bias"))?;
         Ok(Self {
-            weight: weights.tensor_f32(&format!("{prefix}.weight"))?,
-            bias: weights.tensor_f32(&format!("{prefix}.bias"))?,
+            host_weight: weight.to_device(&candle_core::Device::Cpu)?.to_vec1()?,
+            host_bias: bias.to_device(&candle_core::Device::Cpu)?.to_vec1()?,
+            weight,
+            bias,
             num_groups: weights.num_groups,
             eps: weights.group_norm_eps,
         })
@@ -276,6 +253,18 @@ impl GroupNorm {
     /// transform and, when `swish`, `x * sigmoid(x)`. Works a few groups at a time so that the
     /// f32 temporaries stay small; the result has the dtype of `x`.
     pub fn forward(&self, x: &Tensor, swish: bool) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            let input = x.to_dtype(DType::F32)?.contiguous()?;
+            let y = kernels::group_norm(
+                &input,
+                &self.host_weight,
+                &self.host_bias,
+                self.num_groups,
+                self.eps,
+                swish,
+            )?;
+            return Ok(y.to_dtype(x.dtype())?);
+        }
         let (batch, channels, height, width) = x.dims4()?;
         let per_group = channels / self.num_groups;
         let group_bytes = batch * per_group * height * width * 4;

@@ -5,6 +5,7 @@ mod blocks;
 mod config;
 mod decoder;
 mod encoder;
+mod kernels;
 mod latents;
 mod layers;
 mod model;

@@ -215,6 +215,20 @@ impl DitConfig {
         keys
     }
 
+    /// `[out, in]` of every linear layer, by BFL module path (for matching LoRA files).
+    pub fn linear_shapes(&self) -> Vec<(String, [usize; 2])> {
+        self.expected_keys()
+            .into_iter()
+            .filter_map(|spec| {
+                let path = spec.key.strip_suffix(".weight")?;
+                match spec.shape.as_slice() {
+                    [out, input] => Some((path.to_string(), [*out, *input])),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
     /// Total number of parameters.
     pub fn parameter_count(&self) -> usize {
         self.expected_keys()
