@@ -12,12 +12,14 @@
 //! grid.
 
 pub mod checkpoint;
+pub mod data;
 pub mod error;
 pub mod image_io;
 pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod sample;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

@@ -1,0 +1,6 @@
+//! LoRA training: timestep sampling, the LoRA network, optimizers, schedules and the loop.
+
+pub mod lr_schedule;
+pub mod network;
+pub mod optim;
+pub mod timesteps;
