@@ -23,6 +23,12 @@ pub enum Command {
     /// Check a DiT checkpoint without running it: infers its configuration, checks every key,
     /// shape and dtype, and says which FLUX.2 version it is.
     Inspect(InspectArgs),
+    /// Encode every dataset image (and its control images) with the AE into Musubi-compatible
+    /// latent caches, as Musubi's flux_2_cache_latents.py.
+    CacheLatents(crate::cache_latents::CacheLatentsArgs),
+    /// Encode every caption with the text encoder into Musubi-compatible caches, as Musubi's
+    /// flux_2_cache_text_encoder_outputs.py.
+    CacheTextEncoderOutputs(crate::cache_text::CacheTextArgs),
 }
 
 /// Arguments of `inspect`.

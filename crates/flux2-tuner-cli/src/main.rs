@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod cache_latents;
+mod cache_progress;
+mod cache_text;
 mod cli;
 mod commands;
 mod device;

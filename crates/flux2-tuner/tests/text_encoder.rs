@@ -242,6 +242,24 @@ fn fp8_stores_projections_in_one_byte() -> Result<()> {
     Ok(())
 }
 
+/// Layer streaming (weights kept in host memory, each layer copied to the compute device when
+/// used) computes the same thing; on a CPU-only machine both sides are host memory.
+#[test]
+fn streamed_layers_give_the_same_conditioning() -> Result<()> {
+    for (kind, _, weights) in fixture_encoders()? {
+        let mut options = TextEncoderOptions::new(kind, Device::Cpu, DType::BF16);
+        let resident = TextEncoder::load(&weights, kind, &options)?.encode(&PROMPTS)?;
+        options.placement.stream_layers = true;
+        options.placement.fp8 = true;
+        let streamed_fp8 = TextEncoder::load(&weights, kind, &options)?.encode(&PROMPTS)?;
+        options.placement.fp8 = false;
+        let streamed = TextEncoder::load(&weights, kind, &options)?.encode(&PROMPTS)?;
+        assert_eq!(relative_error(&streamed, &resident)?, 0.0, "{kind:?}");
+        assert!(relative_error(&streamed_fp8, &resident)? > 0.0);
+    }
+    Ok(())
+}
+
 /// Only the layers up to the deepest requested hidden state are loaded.
 #[test]
 fn layers_after_the_last_used_one_are_not_loaded() -> Result<()> {

@@ -12,8 +12,10 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::nn::amx::{self, PackedB, Tiles, BLOCK_ROWS};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::{is_plain_cpu, vectorised, with_data, SharedOutput};
-use crate::nn::softmax::softmax_row;
+use crate::nn::host::{
+    is_plain_cpu, vectorised, with_bf16_scratch, with_data, with_f32_scratch, SharedOutput,
+};
+use crate::nn::softmax::{softmax_in_place, softmax_row};
 
 /// Largest number of score elements (`batch * heads * query_rows * keys`) computed at once on the
 /// candle path.
@@ -24,6 +26,9 @@ const MAX_SCORE_ELEMENTS: usize = 1 << 26;
 /// # Shapes
 /// `q`, `k`, `v`: `[b, heads, l, d]`; returns `[b, l, heads * d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if crate::nn::grad_mode::enabled() {
+        return crate::nn::trainable::attention(q, k, v);
+    }
     let same_dtype = q.dtype() == k.dtype() && k.dtype() == v.dtype();
     if same_dtype && is_plain_cpu(&[q, k, v]) {
         match q.dtype() {
@@ -193,37 +198,48 @@ fn fused_bf16(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                         (padded.as_slice(), depth)
                     };
                     let width = packed_k.padded_columns();
-                    let mut scores = vec![0f32; BLOCK_ROWS * width];
-                    tiles.multiply_row_block(a, lda, packed_k, &mut scores, width);
                     let probability_width = packed_v.padded_depth();
-                    let mut probabilities = vec![bf16::ZERO; BLOCK_ROWS * probability_width];
-                    for r in 0..rows {
-                        softmax_row(
-                            &mut scores[r * width..r * width + keys],
-                            scale,
-                            &mut probabilities[r * probability_width..r * probability_width + keys],
-                        );
-                    }
                     let out_width = packed_v.padded_columns();
-                    let mut values = vec![0f32; BLOCK_ROWS * out_width];
-                    tiles.multiply_row_block(
-                        &probabilities,
-                        probability_width,
-                        packed_v,
-                        &mut values,
-                        out_width,
-                    );
-                    for r in 0..rows {
-                        for j in 0..head_dim {
-                            // SAFETY: each (bh, row, j) belongs to exactly one task; the index is in bounds.
-                            unsafe {
-                                target.write(
-                                    shapes.output_index(bh, first + r, j),
-                                    round_to_bf16(values[r * out_width + j]),
-                                )
-                            };
+                    let scratch = BLOCK_ROWS * (width + out_width);
+                    with_f32_scratch(scratch, |buffer| {
+                        let (scores, values) = buffer.split_at_mut(BLOCK_ROWS * width);
+                        tiles.multiply_row_block(a, lda, packed_k, scores, width);
+                        let probabilities = BLOCK_ROWS * probability_width;
+                        with_bf16_scratch(probabilities, |probabilities| {
+                            // Padding (columns past the keys, rows past the queries) must be zero.
+                            for (r, row) in probabilities
+                                .chunks_exact_mut(probability_width)
+                                .enumerate()
+                            {
+                                if r < rows {
+                                    let scores = &mut scores[r * width..r * width + keys];
+                                    softmax_row(scores, scale, &mut row[..keys]);
+                                    row[keys..].fill(bf16::ZERO);
+                                } else {
+                                    row.fill(bf16::ZERO);
+                                }
+                            }
+                            tiles.multiply_row_block(
+                                probabilities,
+                                probability_width,
+                                packed_v,
+                                values,
+                                out_width,
+                            );
+                        });
+                        for r in 0..rows {
+                            for j in 0..head_dim {
+                                // SAFETY: each (bh, row, j) belongs to exactly one task; the index
+                                // is in bounds.
+                                unsafe {
+                                    target.write(
+                                        shapes.output_index(bh, first + r, j),
+                                        round_to_bf16(values[r * out_width + j]),
+                                    )
+                                };
+                            }
                         }
-                    }
+                    });
                 })
             });
         Ok(())
@@ -266,65 +282,63 @@ fn fused_f32(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                         &ks[bh * head..bh * head + head],
                         &vs[bh * head..bh * head + head],
                     );
-                    let mut scores = vec![0f32; rows * keys];
-                    // SAFETY: all pointers and strides describe the slices above: q rows `[rows, d]`,
-                    // K^T as `[d, keys]` (column stride d), scores `[rows, keys]`.
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            keys,
-                            head_dim,
-                            scores.as_mut_ptr(),
-                            1,
-                            keys as isize,
-                            false,
-                            q_rows.as_ptr(),
-                            1,
-                            head_dim as isize,
-                            k_head.as_ptr(),
-                            head_dim as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    let mut probabilities = vec![0f32; rows * keys];
-                    for (row, out_row) in scores
-                        .chunks_exact_mut(keys)
-                        .zip(probabilities.chunks_exact_mut(keys))
-                    {
-                        softmax_row(row, scale, out_row);
-                    }
-                    let destination = shapes.output_index(bh, first, 0);
-                    // SAFETY: p `[rows, keys]`, V `[keys, d]`; the destination rows `first..first + rows`
-                    // of this head (row stride heads * d) are written by this task only.
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            head_dim,
-                            keys,
-                            target.pointer().add(destination),
-                            1,
-                            row_stride as isize,
-                            false,
-                            probabilities.as_ptr(),
-                            1,
-                            keys as isize,
-                            v_head.as_ptr(),
-                            1,
-                            head_dim as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                    with_f32_scratch(rows * keys, |scores| {
+                        // SAFETY: all pointers and strides describe the slices above: q rows `[rows, d]`,
+                        // K^T as `[d, keys]` (column stride d), scores `[rows, keys]`.
+                        unsafe {
+                            gemm::gemm(
+                                rows,
+                                keys,
+                                head_dim,
+                                scores.as_mut_ptr(),
+                                1,
+                                keys as isize,
+                                false,
+                                q_rows.as_ptr(),
+                                1,
+                                head_dim as isize,
+                                k_head.as_ptr(),
+                                head_dim as isize,
+                                1,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                        for row in scores.chunks_exact_mut(keys) {
+                            softmax_in_place(row, scale);
+                        }
+                        let probabilities = scores;
+                        let destination = shapes.output_index(bh, first, 0);
+                        // SAFETY: p `[rows, keys]`, V `[keys, d]`; the destination rows `first..first + rows`
+                        // of this head (row stride heads * d) are written by this task only.
+                        unsafe {
+                            gemm::gemm(
+                                rows,
+                                head_dim,
+                                keys,
+                                target.pointer().add(destination),
+                                1,
+                                row_stride as isize,
+                                false,
+                                probabilities.as_ptr(),
+                                1,
+                                keys as isize,
+                                v_head.as_ptr(),
+                                1,
+                                head_dim as isize,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                    });
                 })
             });
         Ok(())

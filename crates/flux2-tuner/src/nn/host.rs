@@ -84,3 +84,32 @@ fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
 fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
+
+thread_local! {
+    static SCRATCH_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH_BF16: std::cell::RefCell<Vec<half::bf16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Calls `f` with this thread's f32 scratch of `length` values, kept between calls so that the
+/// kernels' per-block buffers are neither allocated nor zeroed each time. The contents are stale:
+/// `f` must write before it reads. Not reentrant.
+pub fn with_f32_scratch<R>(length: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH_F32.with(|cell| {
+        let mut buffer = cell.borrow_mut();
+        if buffer.len() < length {
+            buffer.resize(length, 0.0);
+        }
+        f(&mut buffer[..length])
+    })
+}
+
+/// As [`with_f32_scratch`], for bf16.
+pub fn with_bf16_scratch<R>(length: usize, f: impl FnOnce(&mut [half::bf16]) -> R) -> R {
+    SCRATCH_BF16.with(|cell| {
+        let mut buffer = cell.borrow_mut();
+        if buffer.len() < length {
+            buffer.resize(length, half::bf16::ZERO);
+        }
+        f(&mut buffer[..length])
+    })
+}

@@ -8,7 +8,9 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::nn::amx::{self, PackedB, Tiles, BLOCK_ROWS};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::{is_plain_cpu, vectorised, with_data, SharedOutput};
+use crate::nn::host::{
+    is_plain_cpu, vectorised, with_bf16_scratch, with_data, with_f32_scratch, SharedOutput,
+};
 
 /// A low-rank update `scale * up @ down` attached to a [`Linear`].
 #[derive(Debug, Clone)]
@@ -80,26 +82,32 @@ fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
                             amx::padded_block(weight_rows, count, in_features, in_features, depth);
                         (padded.as_slice(), depth)
                     };
-                    let mut block_out = vec![0f32; BLOCK_ROWS * width];
-                    tiles.multiply_row_block(a, lda, &packed, &mut block_out, width);
-                    // Round row by row (vectorised), then transpose into the output.
-                    let mut rounded = vec![bf16::ZERO; count * rows];
-                    vectorised(|| {
-                        for (i, out_row) in rounded.chunks_exact_mut(rows).enumerate() {
-                            let values = &block_out[i * width..i * width + rows];
-                            for (o, &v) in out_row.iter_mut().zip(values) {
-                                *o = round_to_bf16(v);
+                    with_f32_scratch(BLOCK_ROWS * width, |block_out| {
+                        tiles.multiply_row_block(a, lda, &packed, block_out, width);
+                        // Round row by row (vectorised), then transpose into the output.
+                        with_bf16_scratch(count * rows, |rounded| {
+                            vectorised(|| {
+                                for (i, out_row) in rounded.chunks_exact_mut(rows).enumerate() {
+                                    let values = &block_out[i * width..i * width + rows];
+                                    for (o, &v) in out_row.iter_mut().zip(values) {
+                                        *o = round_to_bf16(v);
+                                    }
+                                }
+                            });
+                            for r in 0..rows {
+                                for i in 0..count {
+                                    // SAFETY: output features `first..first + count` belong to
+                                    // this task only.
+                                    unsafe {
+                                        target.write(
+                                            r * out_features + first + i,
+                                            rounded[i * rows + r],
+                                        )
+                                    };
+                                }
                             }
-                        }
+                        });
                     });
-                    for r in 0..rows {
-                        for i in 0..count {
-                            // SAFETY: output features `first..first + count` belong to this task only.
-                            unsafe {
-                                target.write(r * out_features + first + i, rounded[i * rows + r])
-                            };
-                        }
-                    }
                 });
             Ok(())
         })
@@ -139,9 +147,14 @@ impl Linear {
         let rows = x.elem_count() / in_features.max(1);
         // Flattening to 2-D lets the GEMM run as one call instead of a batched broadcast.
         let x2 = x.reshape((rows, in_features))?;
-        let mut y = match amx_product(&x2, &self.weight)? {
-            Some(y) => y,
-            None => x2.matmul(&self.weight.t()?)?,
+        let mut y = if crate::nn::grad_mode::enabled() {
+            // The base weight is frozen: its gradient is never computed.
+            crate::nn::trainable::frozen_linear(&x2, &self.weight)?
+        } else {
+            match amx_product(&x2, &self.weight)? {
+                Some(y) => y,
+                None => x2.matmul(&self.weight.t()?)?,
+            }
         };
         for adapter in &self.adapters {
             let xa = x2.to_dtype(adapter.down.dtype())?;

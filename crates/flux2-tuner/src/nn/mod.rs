@@ -3,6 +3,7 @@
 pub mod amx;
 pub mod attention;
 pub mod fused;
+pub mod grad_mode;
 pub mod host;
 pub mod linear;
 pub mod norm;

@@ -10,6 +10,14 @@ use crate::nn::host::is_plain_cpu;
 /// LayerNorm over the last axis without weight or bias, in f32. Returns f32.
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
+    if crate::nn::grad_mode::enabled() {
+        let zeros = Tensor::zeros(
+            (x.dim(0)?, 1, x.dim(candle_core::D::Minus1)?),
+            DType::F32,
+            x.device(),
+        )?;
+        return crate::nn::trainable::modulated_layer_norm(&x, &zeros, &zeros, eps);
+    }
     let width = x.dim(candle_core::D::Minus1)?;
     let ones = Tensor::ones(width, DType::F32, x.device())?;
     let zeros = Tensor::zeros(width, DType::F32, x.device())?;
@@ -24,6 +32,9 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// RMSNorm over the last axis: normalise in f32, round to `x`'s dtype, then multiply by `scale`
 /// (the order of BFL's `RMSNorm`).
 pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::nn::grad_mode::enabled() {
+        return crate::nn::trainable::rms_norm(x, scale, eps);
+    }
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
     let width = x32.dim(candle_core::D::Minus1)?;
@@ -37,6 +48,13 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
 /// # Shapes
 /// `x`: `[b, l, c]`; `shift`, `scale`: `[b, 1, c]` (f32).
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, dtype: DType) -> Result<Tensor> {
+    if crate::nn::grad_mode::enabled() {
+        let x32 = x.to_dtype(DType::F32)?;
+        return Ok(
+            crate::nn::trainable::modulated_layer_norm(&x32, shift, scale, 1e-6)?
+                .to_dtype(dtype)?,
+        );
+    }
     if x.dtype() == dtype && is_plain_cpu(&[x, shift, scale]) {
         return fused::modulate(x, shift, scale, 1e-6);
     }

@@ -65,6 +65,12 @@ impl RopeTables {
     /// Rotates `x` `[b, heads, l, head_dim]` in f32 and returns it in `x`'s dtype.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
+        if crate::nn::grad_mode::enabled() {
+            let x32 = x.to_dtype(DType::F32)?;
+            return Ok(
+                crate::nn::trainable::apply_rope(&x32, &self.cos, &self.sin)?.to_dtype(dtype)?,
+            );
+        }
         let x32 = x.to_dtype(DType::F32)?.contiguous()?;
         let rotated = candle_nn::rotary_emb::rope_i(&x32, &self.cos, &self.sin)?;
         Ok(rotated.to_dtype(dtype)?)

@@ -26,7 +26,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
     let poly = p * r * r + r + 1.0;
     // SAFETY: `n` is a whole number in [-126, 127] after the clamp. (The checked `as` cast does
     // not vectorise: it saturates lane by lane.)
@@ -107,6 +107,14 @@ pub fn softmax_row<T: Element>(row: &mut [f32], scale: f32, out: &mut [T]) {
     let inverse = 1.0 / shifted_exp(row, scale);
     for (o, &value) in out.iter_mut().zip(row.iter()) {
         *o = T::from_f32(value * inverse);
+    }
+}
+
+/// `row = softmax(scale * row)` in f32.
+pub fn softmax_in_place(row: &mut [f32], scale: f32) {
+    let inverse = 1.0 / shifted_exp(row, scale);
+    for value in row.iter_mut() {
+        *value *= inverse;
     }
 }
 

@@ -10,12 +10,28 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq)]
 pub enum LrSchedule {
     Constant,
-    ConstantWithWarmup { warmup: usize },
-    Linear { warmup: usize },
-    Cosine { warmup: usize },
-    CosineWithRestarts { warmup: usize, cycles: usize },
-    Polynomial { warmup: usize, power: f64, end_ratio: f64 },
-    CosineWithMinLr { warmup: usize, min_lr_ratio: f64 },
+    ConstantWithWarmup {
+        warmup: usize,
+    },
+    Linear {
+        warmup: usize,
+    },
+    Cosine {
+        warmup: usize,
+    },
+    CosineWithRestarts {
+        warmup: usize,
+        cycles: usize,
+    },
+    Polynomial {
+        warmup: usize,
+        power: f64,
+        end_ratio: f64,
+    },
+    CosineWithMinLr {
+        warmup: usize,
+        min_lr_ratio: f64,
+    },
 }
 
 /// `--lr_warmup_steps` as Musubi reads it: an integer, a ratio below 1 of the total, or `N%`.
@@ -41,7 +57,13 @@ pub fn parse_steps(value: &str, total: usize, flag: &str) -> Result<usize> {
 
 impl LrSchedule {
     /// Builds a schedule from Musubi's flags.
-    pub fn from_flags(name: &str, warmup: usize, cycles: usize, power: f64, min_lr_ratio: Option<f64>) -> Result<Self> {
+    pub fn from_flags(
+        name: &str,
+        warmup: usize,
+        cycles: usize,
+        power: f64,
+        min_lr_ratio: Option<f64>,
+    ) -> Result<Self> {
         Ok(match name {
             "constant" => {
                 if warmup > 0 {
@@ -91,21 +113,32 @@ impl LrSchedule {
         match *self {
             Self::Constant => 1.0,
             Self::ConstantWithWarmup { warmup } => warmup_factor(warmup).unwrap_or(1.0),
-            Self::Linear { warmup } => warmup_factor(warmup).unwrap_or_else(|| (1.0 - progress(warmup)).max(0.0)),
+            Self::Linear { warmup } => {
+                warmup_factor(warmup).unwrap_or_else(|| (1.0 - progress(warmup)).max(0.0))
+            }
             Self::Cosine { warmup } => warmup_factor(warmup)
                 .unwrap_or_else(|| (0.5 * (1.0 + (PI * progress(warmup)).cos())).max(0.0)),
-            Self::CosineWithRestarts { warmup, cycles } => warmup_factor(warmup).unwrap_or_else(|| {
-                let p = progress(warmup);
-                if p >= 1.0 {
-                    return 0.0;
-                }
-                0.5 * (1.0 + (PI * ((cycles as f64 * p) % 1.0)).cos())
-            }),
-            Self::Polynomial { warmup, power, end_ratio } => warmup_factor(warmup).unwrap_or_else(|| {
+            Self::CosineWithRestarts { warmup, cycles } => {
+                warmup_factor(warmup).unwrap_or_else(|| {
+                    let p = progress(warmup);
+                    if p >= 1.0 {
+                        return 0.0;
+                    }
+                    0.5 * (1.0 + (PI * ((cycles as f64 * p) % 1.0)).cos())
+                })
+            }
+            Self::Polynomial {
+                warmup,
+                power,
+                end_ratio,
+            } => warmup_factor(warmup).unwrap_or_else(|| {
                 let p = progress(warmup).min(1.0);
                 (1.0 - end_ratio) * (1.0 - p).powf(power) + end_ratio
             }),
-            Self::CosineWithMinLr { warmup, min_lr_ratio } => warmup_factor(warmup).unwrap_or_else(|| {
+            Self::CosineWithMinLr {
+                warmup,
+                min_lr_ratio,
+            } => warmup_factor(warmup).unwrap_or_else(|| {
                 // transformers' cosine_with_min_lr with num_cycles = 0.5 (Musubi passes cycles/2).
                 let cosine = 0.5 * (1.0 + (PI * progress(warmup)).cos());
                 cosine * (1.0 - min_lr_ratio) + min_lr_ratio
@@ -134,12 +167,25 @@ mod tests {
         let cosine = LrSchedule::Cosine { warmup: 10 };
         close(cosine.factor(55, total), 0.5);
         close(cosine.factor(10, total), 1.0);
-        let restarts = LrSchedule::CosineWithRestarts { warmup: 10, cycles: 2 };
+        let restarts = LrSchedule::CosineWithRestarts {
+            warmup: 10,
+            cycles: 2,
+        };
         close(restarts.factor(10 + 45, total), 1.0); // second cycle starts at half way
-        close(restarts.factor(10 + 22, total), 0.5 * (1.0 + (PI * (2.0 * 22.0 / 90.0)).cos()));
-        let poly = LrSchedule::Polynomial { warmup: 10, power: 2.0, end_ratio: 0.0 };
+        close(
+            restarts.factor(10 + 22, total),
+            0.5 * (1.0 + (PI * (2.0 * 22.0 / 90.0)).cos()),
+        );
+        let poly = LrSchedule::Polynomial {
+            warmup: 10,
+            power: 2.0,
+            end_ratio: 0.0,
+        };
         close(poly.factor(55, total), 0.25);
-        let min = LrSchedule::CosineWithMinLr { warmup: 10, min_lr_ratio: 0.1 };
+        let min = LrSchedule::CosineWithMinLr {
+            warmup: 10,
+            min_lr_ratio: 0.1,
+        };
         close(min.factor(55, total), 0.5 * 0.9 + 0.1);
         close(min.factor(100, total), 0.1);
     }
@@ -151,6 +197,9 @@ mod tests {
         assert_eq!(parse_steps("5%", 1000, "--lr_warmup_steps").unwrap(), 50);
         assert!(parse_steps("lots", 1000, "--lr_warmup_steps").is_err());
         assert!(LrSchedule::from_flags("constant", 5, 1, 1.0, None).is_err());
-        assert!(LrSchedule::from_flags("rex", 0, 1, 1.0, None).unwrap_err().to_string().contains("rex"));
+        assert!(LrSchedule::from_flags("rex", 0, 1, 1.0, None)
+            .unwrap_err()
+            .to_string()
+            .contains("rex"));
     }
 }

@@ -3,4 +3,5 @@
 pub mod lr_schedule;
 pub mod network;
 pub mod optim;
+pub mod step;
 pub mod timesteps;

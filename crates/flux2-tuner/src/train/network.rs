@@ -58,12 +58,20 @@ fn python_string_list(value: &str) -> Result<Vec<String>> {
         name: "--network_args".into(),
         message: format!("`{value}` is not a list of strings such as ['.*single.*']"),
     };
-    let inner = value.trim().strip_prefix('[').and_then(|v| v.strip_suffix(']')).ok_or_else(bad)?;
+    let inner = value
+        .trim()
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .ok_or_else(bad)?;
     let mut items = Vec::new();
     let mut rest = inner.trim();
     while !rest.is_empty() {
         rest = rest.strip_prefix('r').unwrap_or(rest);
-        let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"').ok_or_else(bad)?;
+        let quote = rest
+            .chars()
+            .next()
+            .filter(|c| *c == '\'' || *c == '"')
+            .ok_or_else(bad)?;
         let end = rest[1..].find(quote).ok_or_else(bad)? + 1;
         items.push(rest[1..end].to_string());
         rest = rest[end + 1..].trim_start();
@@ -121,9 +129,11 @@ impl NetworkConfig {
             return Ok(false);
         }
         let full = |pattern: &str| -> Result<bool> {
-            let regex = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| Error::InvalidArgument {
-                name: "--network_args patterns".into(),
-                message: format!("`{pattern}`: {e}"),
+            let regex = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+                Error::InvalidArgument {
+                    name: "--network_args patterns".into(),
+                    message: format!("`{pattern}`: {e}"),
+                }
             })?;
             Ok(regex.is_match(path))
         };
@@ -177,7 +187,12 @@ pub struct LoraNetwork {
 
 impl LoraNetwork {
     /// Creates the network for a DiT configuration, initialised as Musubi.
-    pub fn new(dit: &DitConfig, config: NetworkConfig, rng: &mut SeededRng, device: &Device) -> Result<Self> {
+    pub fn new(
+        dit: &DitConfig,
+        config: NetworkConfig,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
         if config.dim == 0 {
             return Err(Error::InvalidArgument {
                 name: "--network_dim".into(),
@@ -185,7 +200,11 @@ impl LoraNetwork {
             });
         }
         // Musubi: alpha None or 0 means alpha = rank.
-        let alpha = if config.alpha == 0.0 { config.dim as f64 } else { config.alpha };
+        let alpha = if config.alpha == 0.0 {
+            config.dim as f64
+        } else {
+            config.alpha
+        };
         let mut modules = Vec::new();
         for (path, [out_features, in_features]) in dit.linear_shapes() {
             if !config.targets(&path)? {
@@ -195,9 +214,18 @@ impl LoraNetwork {
             let values: Vec<f32> = (0..config.dim * in_features)
                 .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
                 .collect();
-            let down = Var::from_tensor(&Tensor::from_vec(values, (config.dim, in_features), device)?)?;
+            let down = Var::from_tensor(&Tensor::from_vec(
+                values,
+                (config.dim, in_features),
+                device,
+            )?)?;
             let up = Var::zeros((out_features, config.dim), DType::F32, device)?;
-            modules.push(LoraModule { path, down, up, alpha });
+            modules.push(LoraModule {
+                path,
+                down,
+                up,
+                alpha,
+            });
         }
         if modules.is_empty() {
             return Err(Error::InvalidArgument {
@@ -214,9 +242,16 @@ impl LoraNetwork {
     pub fn load_weights(&mut self, path: &Path) -> Result<usize> {
         let checkpoint = Checkpoint::open(path)?;
         let mut loaded = 0;
-        let device = self.modules.first().map(|m| m.down.device().clone()).unwrap_or(Device::Cpu);
-        let known: std::collections::HashSet<String> =
-            self.modules.iter().map(|m| musubi_module_name(&m.path)).collect();
+        let device = self
+            .modules
+            .first()
+            .map(|m| m.down.device().clone())
+            .unwrap_or(Device::Cpu);
+        let known: std::collections::HashSet<String> = self
+            .modules
+            .iter()
+            .map(|m| musubi_module_name(&m.path))
+            .collect();
         if let Some(extra) = checkpoint
             .keys()
             .find(|k| !known.contains(k.split('.').next().unwrap_or_default()))
@@ -251,7 +286,12 @@ impl LoraNetwork {
             module.down.set(&down)?;
             module.up.set(&up)?;
             if let Ok(alpha) = checkpoint.load(&format!("{name}.alpha"), DType::F32, &device) {
-                module.alpha = alpha.flatten_all()?.to_vec1::<f32>()?.first().copied().unwrap_or(0.0) as f64;
+                module.alpha = alpha
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .first()
+                    .copied()
+                    .unwrap_or(0.0) as f64;
             }
             loaded += 1;
         }
@@ -261,15 +301,18 @@ impl LoraNetwork {
     /// Attaches every module to the DiT as an unmerged adapter with `multiplier`; gradients flow to
     /// the modules' `Var`s. Previous adapters are removed first.
     pub fn attach(&self, dit: &mut Flux2Dit, multiplier: f64) -> Result<()> {
-        let mut linears: HashMap<String, &mut crate::nn::Linear> = dit.linears_mut().into_iter().collect();
+        let mut linears: HashMap<String, &mut crate::nn::Linear> =
+            dit.linears_mut().into_iter().collect();
         for linear in linears.values_mut() {
             linear.adapters.clear();
         }
         for module in &self.modules {
-            let linear = linears.get_mut(&module.path).ok_or_else(|| Error::InvalidArgument {
-                name: "LoRA network".into(),
-                message: format!("module {} is not in the model", module.path),
-            })?;
+            let linear = linears
+                .get_mut(&module.path)
+                .ok_or_else(|| Error::InvalidArgument {
+                    name: "LoRA network".into(),
+                    message: format!("module {} is not in the model", module.path),
+                })?;
             linear.adapters.push(LoraAdapter {
                 down: module.down.as_tensor().clone(),
                 up: module.up.as_tensor().clone(),
@@ -294,9 +337,18 @@ impl LoraNetwork {
         for module in &self.modules {
             let name = musubi_module_name(&module.path);
             let device = module.down.device();
-            tensors.push((format!("{name}.lora_down.weight"), module.down.as_tensor().to_dtype(dtype)?));
-            tensors.push((format!("{name}.lora_up.weight"), module.up.as_tensor().to_dtype(dtype)?));
-            tensors.push((format!("{name}.alpha"), Tensor::new(module.alpha as f32, device)?.to_dtype(dtype)?));
+            tensors.push((
+                format!("{name}.lora_down.weight"),
+                module.down.as_tensor().to_dtype(dtype)?,
+            ));
+            tensors.push((
+                format!("{name}.lora_up.weight"),
+                module.up.as_tensor().to_dtype(dtype)?,
+            ));
+            tensors.push((
+                format!("{name}.alpha"),
+                Tensor::new(module.alpha as f32, device)?.to_dtype(dtype)?,
+            ));
         }
         Ok(tensors)
     }
@@ -330,14 +382,31 @@ mod tests {
     #[test]
     fn targets_and_initialisation_follow_musubi() {
         let mut rng = SeededRng::new(1);
-        let network = LoraNetwork::new(&tiny(), NetworkConfig::default(), &mut rng, &Device::Cpu).unwrap();
+        let network =
+            LoraNetwork::new(&tiny(), NetworkConfig::default(), &mut rng, &Device::Cpu).unwrap();
         assert_eq!(network.modules.len(), 2 * 8 + 3 * 2);
         for module in &network.modules {
             assert!(!module.path.contains("modulation") && !module.path.contains("final"));
-            let up = module.up.as_tensor().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let up = module
+                .up
+                .as_tensor()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert_eq!(up, 0.0);
             let bound = 1.0 / (module.down.dims()[1] as f32).sqrt();
-            let down = module.down.as_tensor().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let down = module
+                .down
+                .as_tensor()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(down <= bound && down > 0.5 * bound);
             assert_eq!(module.scale(), 0.25, "alpha 1 / rank 4");
         }
@@ -347,14 +416,32 @@ mod tests {
     fn patterns_exclude_and_rescue() {
         let mut config = NetworkConfig::default();
         config
-            .apply_args(&["exclude_patterns=[r'.*']".into(), "include_patterns=['.*single_blocks.*linear1']".into()])
+            .apply_args(&[
+                "exclude_patterns=[r'.*']".into(),
+                "include_patterns=['.*single_blocks.*linear1']".into(),
+            ])
             .unwrap();
         let mut rng = SeededRng::new(1);
         let network = LoraNetwork::new(&tiny(), config, &mut rng, &Device::Cpu).unwrap();
         let paths: Vec<&str> = network.modules.iter().map(|m| m.path.as_str()).collect();
-        assert_eq!(paths, vec!["single_blocks.0.linear1", "single_blocks.1.linear1", "single_blocks.2.linear1"]);
+        assert_eq!(
+            paths,
+            vec![
+                "single_blocks.0.linear1",
+                "single_blocks.1.linear1",
+                "single_blocks.2.linear1"
+            ]
+        );
         let mut bad = NetworkConfig::default();
-        assert!(bad.apply_args(&["rank_dropout=high".into()]).unwrap_err().to_string().contains("high"));
-        assert!(bad.apply_args(&["frobnicate=1".into()]).unwrap_err().to_string().contains("frobnicate"));
+        assert!(bad
+            .apply_args(&["rank_dropout=high".into()])
+            .unwrap_err()
+            .to_string()
+            .contains("high"));
+        assert!(bad
+            .apply_args(&["frobnicate=1".into()])
+            .unwrap_err()
+            .to_string()
+            .contains("frobnicate"));
     }
 }

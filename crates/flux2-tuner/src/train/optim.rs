@@ -48,7 +48,10 @@ pub fn adamw_from_args(parameters: Vec<(Var, f64)>, args: &[String]) -> Result<A
             "weight_decay" => optimizer.weight_decay = number(value)?,
             "eps" => optimizer.eps = number(value)?,
             "betas" => {
-                let inner = value.trim().trim_start_matches(['(', '[']).trim_end_matches([')', ']']);
+                let inner = value
+                    .trim()
+                    .trim_start_matches(['(', '['])
+                    .trim_end_matches([')', ']']);
                 let parts: Vec<&str> = inner.split(',').collect();
                 if parts.len() != 2 {
                     return Err(Error::InvalidArgument {
@@ -62,7 +65,9 @@ pub fn adamw_from_args(parameters: Vec<(Var, f64)>, args: &[String]) -> Result<A
             other => {
                 return Err(Error::InvalidArgument {
                     name: "--optimizer_args".into(),
-                    message: format!("AdamW has no option `{other}` (known: weight_decay, eps, betas)"),
+                    message: format!(
+                        "AdamW has no option `{other}` (known: weight_decay, eps, betas)"
+                    ),
                 })
             }
         }
@@ -96,11 +101,14 @@ impl Optimizer for AdamW {
         self.step += 1;
         let correction1 = 1.0 - self.beta1.powi(self.step as i32);
         let correction2 = 1.0 - self.beta2.powi(self.step as i32);
-        for (i, ((parameter, factor), gradient)) in self.parameters.iter().zip(gradients).enumerate() {
+        for (i, ((parameter, factor), gradient)) in
+            self.parameters.iter().zip(gradients).enumerate()
+        {
             let lr = lr * factor;
             let gradient = gradient.to_dtype(DType::F32)?;
             self.first[i] = ((&self.first[i] * self.beta1)? + (&gradient * (1.0 - self.beta1))?)?;
-            self.second[i] = ((&self.second[i] * self.beta2)? + (gradient.sqr()? * (1.0 - self.beta2))?)?;
+            self.second[i] =
+                ((&self.second[i] * self.beta2)? + (gradient.sqr()? * (1.0 - self.beta2))?)?;
             let denominator = ((&self.second[i] / correction2)?.sqrt()? + self.eps)?;
             let update = ((&self.first[i] / correction1)? / denominator)?;
             let decayed = (parameter.as_tensor() * (1.0 - lr * self.weight_decay))?;
@@ -123,10 +131,15 @@ impl Optimizer for AdamW {
 
     fn load_state(&mut self, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
         let get = |key: &str| {
-            tensors.get(key).cloned().ok_or_else(|| Error::InvalidArgument {
-                name: "--resume".into(),
-                message: format!("the optimizer state has no `{key}` (saved by another optimizer?)"),
-            })
+            tensors
+                .get(key)
+                .cloned()
+                .ok_or_else(|| Error::InvalidArgument {
+                    name: "--resume".into(),
+                    message: format!(
+                        "the optimizer state has no `{key}` (saved by another optimizer?)"
+                    ),
+                })
         };
         self.step = get("step")?.to_dtype(DType::I64)?.to_scalar::<i64>()? as usize;
         for i in 0..self.parameters.len() {
@@ -150,7 +163,11 @@ impl Optimizer for AdamW {
 pub fn clip_grad_norm(gradients: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
     for g in gradients.iter() {
-        total += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        total += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
@@ -176,7 +193,8 @@ mod tests {
         let mut expected = 1.0f64;
         let (mut m, mut v) = (0.0f64, 0.0f64);
         for (t, g) in [(1, 0.5f64), (2, -0.25)] {
-            opt.step(&[Tensor::new(&[g as f32], &Device::Cpu).unwrap()], lr).unwrap();
+            opt.step(&[Tensor::new(&[g as f32], &Device::Cpu).unwrap()], lr)
+                .unwrap();
             m = b1 * m + (1.0 - b1) * g;
             v = b2 * v + (1.0 - b2) * g * g;
             let update = (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + eps);
@@ -188,7 +206,10 @@ mod tests {
 
     #[test]
     fn clipping_bounds_the_global_norm() {
-        let mut g = vec![Tensor::new(&[3.0f32], &Device::Cpu).unwrap(), Tensor::new(&[4.0f32], &Device::Cpu).unwrap()];
+        let mut g = vec![
+            Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
+            Tensor::new(&[4.0f32], &Device::Cpu).unwrap(),
+        ];
         let norm = clip_grad_norm(&mut g, 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-9);
         let a = g[0].to_vec1::<f32>().unwrap()[0];

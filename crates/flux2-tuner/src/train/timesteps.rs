@@ -93,7 +93,9 @@ impl WeightingScheme {
             other => {
                 return Err(Error::InvalidArgument {
                     name: "--weighting_scheme".into(),
-                    message: format!("`{other}` is not one of none, logit_normal, mode, cosmap, sigma_sqrt"),
+                    message: format!(
+                        "`{other}` is not one of none, logit_normal, mode, cosmap, sigma_sqrt"
+                    ),
                 })
             }
         })
@@ -158,14 +160,40 @@ fn shifted(t: f64, shift: f64) -> f64 {
 /// same as Musubi's `sqrt(2) erfinv(2u - 1)` for bucketed draws.
 pub fn normal_quantile(u: f64) -> f64 {
     let u = u.clamp(1e-7, 1.0 - 1e-7);
-    const A: [f64; 6] = [-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02, 1.383577518672690e+02, -3.066479806614716e+01, 2.506628277459239e+00];
-    const B: [f64; 5] = [-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02, 6.680131188771972e+01, -1.328068155288572e+01];
-    const C: [f64; 6] = [-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00, -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00];
-    const D: [f64; 4] = [7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00, 3.754408661907416e+00];
+    const A: [f64; 6] = [
+        -3.969683028665376e+01,
+        2.209460984245205e+02,
+        -2.759285104469687e+02,
+        1.383577518672690e+02,
+        -3.066479806614716e+01,
+        2.506628277459239e+00,
+    ];
+    const B: [f64; 5] = [
+        -5.447609879822406e+01,
+        1.615858368580409e+02,
+        -1.556989798598866e+02,
+        6.680131188771972e+01,
+        -1.328068155288572e+01,
+    ];
+    const C: [f64; 6] = [
+        -7.784894002430293e-03,
+        -3.223964580411365e-01,
+        -2.400758277161838e+00,
+        -2.549732539343734e+00,
+        4.374664141464968e+00,
+        2.938163982698783e+00,
+    ];
+    const D: [f64; 4] = [
+        7.784695709041462e-03,
+        3.224671290700398e-01,
+        2.445134137142996e+00,
+        3.754408661907416e+00,
+    ];
     let low = 0.02425;
     if u < low {
         let q = (-2.0 * u.ln()).sqrt();
-        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5]) / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
     } else if u <= 1.0 - low {
         let q = u - 0.5;
         let r = q * q;
@@ -207,12 +235,17 @@ fn sample_one(config: &TimestepConfig, height: usize, width: usize, draw: &mut D
     use TimestepSampling::*;
     let tokens = (height * width) as f64;
     let unpacked_tokens = ((height / 2) * (width / 2)) as f64;
-    let logsnr = |draw: &mut Draw, mean: f64, std: f64| sigmoid(-(mean + std * draw.normal()) / 2.0);
-    let shift_with_mu = |draw: &mut Draw, mu: f64| shifted(sigmoid(config.sigmoid_scale * draw.normal()), mu.exp());
+    let logsnr =
+        |draw: &mut Draw, mean: f64, std: f64| sigmoid(-(mean + std * draw.normal()) / 2.0);
+    let shift_with_mu =
+        |draw: &mut Draw, mu: f64| shifted(sigmoid(config.sigmoid_scale * draw.normal()), mu.exp());
     match config.sampling {
         Uniform => draw.uniform(),
         Sigmoid => sigmoid(config.sigmoid_scale * draw.normal()),
-        Shift => shifted(sigmoid(config.sigmoid_scale * draw.normal()), config.discrete_flow_shift),
+        Shift => shifted(
+            sigmoid(config.sigmoid_scale * draw.normal()),
+            config.discrete_flow_shift,
+        ),
         Flux2Shift => shift_with_mu(draw, line(tokens, (256.0, 0.5), (4096.0, 1.15))),
         FluxShift => shift_with_mu(draw, line(unpacked_tokens, (256.0, 0.5), (4096.0, 1.15))),
         QwenShift => shift_with_mu(draw, line(unpacked_tokens, (256.0, 0.5), (8192.0, 0.9))),
@@ -243,7 +276,9 @@ fn sample_one(config: &TimestepConfig, height: usize, width: usize, draw: &mut D
         }
         Sigma => {
             let mut u = match config.weighting_scheme {
-                WeightingScheme::LogitNormal => sigmoid(config.logit_mean + config.logit_std * draw.normal()),
+                WeightingScheme::LogitNormal => {
+                    sigmoid(config.logit_mean + config.logit_std * draw.normal())
+                }
                 _ => draw.uniform(),
             };
             if config.weighting_scheme == WeightingScheme::Mode {
@@ -347,10 +382,22 @@ mod tests {
     #[test]
     fn flux2_shift_median_matches_its_formula() {
         let mut rng = SeededRng::new(1);
-        let mut values = sample_timesteps(&config(TimestepSampling::Flux2Shift), 20001, 64, 64, &mut rng, None).sigmas;
+        let mut values = sample_timesteps(
+            &config(TimestepSampling::Flux2Shift),
+            20001,
+            64,
+            64,
+            &mut rng,
+            None,
+        )
+        .sigmas;
         values.sort_by(f64::total_cmp);
         let s = 1.15f64.exp();
-        assert!((values[10000] - s / (1.0 + s)).abs() < 0.01, "{}", values[10000]);
+        assert!(
+            (values[10000] - s / (1.0 + s)).abs() < 0.01,
+            "{}",
+            values[10000]
+        );
     }
 
     #[test]
@@ -389,7 +436,10 @@ mod tests {
         assert_eq!(sampled.sigmas, vec![0.25, 0.75]);
         let strata = stratified_uniforms(8, 4, &mut rng);
         for k in 0..4 {
-            let in_bucket = strata.iter().filter(|u| (**u * 4.0).floor() as usize == k).count();
+            let in_bucket = strata
+                .iter()
+                .filter(|u| (**u * 4.0).floor() as usize == k)
+                .count();
             assert_eq!(in_bucket, 2);
         }
         assert!((normal_quantile(0.975) - 1.959964).abs() < 1e-6);
@@ -401,6 +451,9 @@ mod tests {
         assert!((WeightingScheme::Cosmap.loss_weight(0.5) - 2.0 / (PI * 0.5)).abs() < 1e-12);
         assert_eq!(WeightingScheme::None.loss_weight(0.3), 1.0);
         assert!(TimestepSampling::parse("flux2_shift").is_ok());
-        assert!(TimestepSampling::parse("flux3").unwrap_err().to_string().contains("flux3"));
+        assert!(TimestepSampling::parse("flux3")
+            .unwrap_err()
+            .to_string()
+            .contains("flux3"));
     }
 }

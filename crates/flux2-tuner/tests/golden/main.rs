@@ -10,6 +10,7 @@ mod report;
 mod sample;
 mod schedule;
 mod te;
+mod train;
 
 use candle_core::DType;
 use serde_json::Value;
@@ -89,6 +90,7 @@ fn run_case(
         }
         "te_encode" => te::run(set, variant, case, id, report),
         name if name.starts_with("sample") => run_sample(set, variant, case, id, report),
+        "train_step" => train::run(set, variant, case, id, report),
         _ => println!("golden {id}: not run, this kind of case is not implemented yet"),
     }
 }

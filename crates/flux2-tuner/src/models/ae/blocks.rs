@@ -71,6 +71,11 @@ impl AttnBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_in_chunks(x, QUERY_CHUNK)
+    }
+
+    /// [`AttnBlock::forward`] with `chunk` query rows at a time.
+    fn forward_in_chunks(&self, x: &Tensor, chunk: usize) -> Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let tokens = height * width;
         let h = self.norm.forward(x, false)?;
@@ -91,10 +96,10 @@ impl AttnBlock {
             .reshape((batch, channels, tokens))?;
         drop(h);
         let scale = 1.0 / (channels as f64).sqrt();
-        let mut pieces = Vec::with_capacity(tokens.div_ceil(QUERY_CHUNK));
+        let mut pieces = Vec::with_capacity(tokens.div_ceil(chunk));
         let mut start = 0;
         while start < tokens {
-            let length = QUERY_CHUNK.min(tokens - start);
+            let length = chunk.min(tokens - start);
             let scores = (q.narrow(1, start, length)?.matmul(&k)? * scale)?;
             // Softmax in f32 whatever the compute dtype.
             let probabilities = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
@@ -146,5 +151,66 @@ impl Upsample {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.conv.forward(x, 1, Padding::uniform(1), true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::rng::SeededRng;
+    use candle_core::Device;
+
+    /// Chunked attention equals single-head attention written out in full.
+    #[test]
+    fn attention_chunks_match_the_full_product() {
+        let mut rng = SeededRng::new(5);
+        let mut random = |shape: &[usize]| {
+            Tensor::from_vec(rng.normal_vec(shape.iter().product()), shape, &Device::Cpu).unwrap()
+        };
+        let channels = 4;
+        let x = random(&[1, channels, 3, 5]);
+        let mut conv = || {
+            let weight = (random(&[channels, channels, 1, 1]) * 0.5).unwrap();
+            Conv2d::new(weight, random(&[channels])).unwrap()
+        };
+        let (q, k, v, proj_out) = (conv(), conv(), conv(), conv());
+        let norm_weight = random(&[channels]);
+        let norm_bias = random(&[channels]);
+        let norm = GroupNorm::new(norm_weight, norm_bias, 2, 1e-6).unwrap();
+        let block = AttnBlock {
+            norm,
+            q,
+            k,
+            v,
+            proj_out,
+        };
+        // The same computation without chunks: softmax(q^T k / sqrt(c)) over all 15 keys.
+        let h = block.norm.forward(&x, false).unwrap();
+        let flat = |t: Tensor| t.reshape((channels, 15)).unwrap();
+        let qm = flat(block.q.forward_pointwise(&h).unwrap());
+        let km = flat(block.k.forward_pointwise(&h).unwrap());
+        let vm = flat(block.v.forward_pointwise(&h).unwrap());
+        let scores = (qm.t().unwrap().matmul(&km).unwrap() * 0.5).unwrap();
+        let probabilities = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let attended = vm
+            .matmul(&probabilities.t().unwrap())
+            .unwrap()
+            .reshape((1, channels, 3, 5))
+            .unwrap();
+        let expected = (&x + block.proj_out.forward_pointwise(&attended).unwrap()).unwrap();
+        for chunk in [1, 4, 15, 1024] {
+            let y = block.forward_in_chunks(&x, chunk).unwrap();
+            let difference: f32 = (y - &expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(difference < 1e-5, "chunk {chunk}: {difference}");
+        }
     }
 }

@@ -75,12 +75,18 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub fn load(weights: &AeWeights, prefix: &str) -> Result<Self> {
-        let mut weight = weights.tensor(&format!("{prefix}.weight"))?;
-        let mut bias = weights.tensor(&format!("{prefix}.bias"))?;
-        let widened = if weights.device.is_cpu() && weights.dtype == DType::BF16 {
+        let weight = weights.tensor(&format!("{prefix}.weight"))?;
+        let bias = weights.tensor(&format!("{prefix}.bias"))?;
+        Self::new(weight, bias)
+    }
+
+    /// A convolution from its weight [out, in, k, k] and bias [out], computing in their dtype.
+    pub fn new(mut weight: Tensor, mut bias: Tensor) -> Result<Self> {
+        let dtype = weight.dtype();
+        let widened = if weight.device().is_cpu() && dtype == DType::BF16 {
             weight = weight.to_dtype(DType::F32)?;
             bias = bias.to_dtype(DType::F32)?;
-            Some(weights.dtype)
+            Some(dtype)
         } else {
             None
         };
@@ -151,6 +157,18 @@ impl Conv2d {
         padding: Padding,
         upsample: bool,
     ) -> Result<Tensor> {
+        self.forward_in_strips(x, stride, padding, upsample, STRIP_INPUT_BYTES)
+    }
+
+    /// [`Conv2d::forward`] with strips of about `strip_bytes` of input each.
+    fn forward_in_strips(
+        &self,
+        x: &Tensor,
+        stride: usize,
+        padding: Padding,
+        upsample: bool,
+        strip_bytes: usize,
+    ) -> Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let (out_channels, _, kernel, _) = self.weight.dims4()?;
         let factor = if upsample { 2 } else { 1 };
@@ -167,7 +185,7 @@ impl Conv2d {
         let out_width = (padded_width - kernel) / stride + 1;
         let row_bytes =
             batch * channels * padded_width * self.weight.dtype().size_in_bytes() * stride;
-        let rows_per_strip = (STRIP_INPUT_BYTES / row_bytes.max(1)).clamp(1, out_height);
+        let rows_per_strip = (strip_bytes / row_bytes.max(1)).clamp(1, out_height);
         let bias = self.bias.reshape((1, out_channels, 1, 1))?;
         let mut output: Option<Tensor> = None;
         let mut row = 0;
@@ -239,13 +257,18 @@ impl GroupNorm {
     pub fn load(weights: &AeWeights, prefix: &str) -> Result<Self> {
         let weight = weights.tensor_f32(&format!("{prefix}.weight"))?;
         let bias = weights.tensor_f32(&format!("{prefix}.bias"))?;
+        Self::new(weight, bias, weights.num_groups, weights.group_norm_eps)
+    }
+
+    /// A GroupNorm from its f32 weight and bias [c].
+    pub fn new(weight: Tensor, bias: Tensor, num_groups: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             host_weight: weight.to_device(&candle_core::Device::Cpu)?.to_vec1()?,
             host_bias: bias.to_device(&candle_core::Device::Cpu)?.to_vec1()?,
             weight,
             bias,
-            num_groups: weights.num_groups,
-            eps: weights.group_norm_eps,
+            num_groups,
+            eps,
         })
     }
 
@@ -310,5 +333,117 @@ impl GroupNorm {
         }
         output
             .ok_or_else(|| candle_core::Error::Msg("group norm produced no channels".into()).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::rng::SeededRng;
+
+    fn random(rng: &mut SeededRng, shape: &[usize]) -> Tensor {
+        let count = shape.iter().product();
+        Tensor::from_vec(rng.normal_vec(count), shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Strips of one, two and all rows, with and without the fused upsample, stride 1 and 2,
+    /// agree with candle's direct convolution of the fully padded (and upsampled) input.
+    #[test]
+    fn strips_match_a_whole_convolution() {
+        let mut rng = SeededRng::new(3);
+        let x = random(&mut rng, &[2, 5, 7, 6]);
+        let conv = Conv2d::new(random(&mut rng, &[4, 5, 3, 3]), random(&mut rng, &[4])).unwrap();
+        let bias = conv.bias.reshape((1, 4, 1, 1)).unwrap();
+        let downsample = Padding {
+            top: 0,
+            bottom: 1,
+            left: 0,
+            right: 1,
+        };
+        let cases = [
+            (1, Padding::uniform(1), false),
+            (1, Padding::uniform(1), true),
+            (2, downsample, false),
+        ];
+        for (stride, padding, upsample) in cases {
+            let input = if upsample {
+                x.upsample_nearest2d(14, 12).unwrap()
+            } else {
+                x.clone()
+            };
+            let padded = input
+                .pad_with_zeros(2, padding.top, padding.bottom)
+                .unwrap()
+                .pad_with_zeros(3, padding.left, padding.right)
+                .unwrap();
+            let expected = padded
+                .conv2d(&conv.weight, 0, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let padded_width = input.dim(3).unwrap() + padding.left + padding.right;
+            let row_bytes = 2 * 5 * padded_width * 4 * stride;
+            for rows in [1, 2, 1000] {
+                let y = conv
+                    .forward_in_strips(&x, stride, padding, upsample, rows * row_bytes)
+                    .unwrap();
+                let difference = max_difference(&y, &expected);
+                assert!(
+                    difference < 1e-5,
+                    "stride {stride} upsample {upsample} rows {rows}: {difference}"
+                );
+            }
+        }
+    }
+
+    /// The fused CPU GroupNorm (+ swish) agrees with the formula computed with plain tensor ops.
+    #[test]
+    fn group_norm_matches_the_formula() {
+        let mut rng = SeededRng::new(4);
+        let x = (random(&mut rng, &[2, 8, 5, 3]) * 3.0)
+            .unwrap()
+            .affine(1.0, 2.0)
+            .unwrap();
+        let weight = random(&mut rng, &[8]);
+        let bias = random(&mut rng, &[8]);
+        let norm = GroupNorm {
+            host_weight: weight.to_vec1().unwrap(),
+            host_bias: bias.to_vec1().unwrap(),
+            weight: weight.clone(),
+            bias: bias.clone(),
+            num_groups: 4,
+            eps: 1e-6,
+        };
+        let grouped = x.reshape((2, 4, 30)).unwrap();
+        let mean = grouped.mean_keepdim(2).unwrap();
+        let centered = grouped.broadcast_sub(&mean).unwrap();
+        let variance = centered.sqr().unwrap().mean_keepdim(2).unwrap();
+        let normalised = centered
+            .broadcast_div(&(variance + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap()
+            .reshape((2, 8, 5, 3))
+            .unwrap()
+            .broadcast_mul(&weight.reshape((1, 8, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, 8, 1, 1)).unwrap())
+            .unwrap();
+        let plain = norm.forward(&x, false).unwrap();
+        assert!(max_difference(&plain, &normalised) < 1e-5);
+        let swish = norm.forward(&x, true).unwrap();
+        assert!(max_difference(&swish, &normalised.silu().unwrap()) < 1e-5);
     }
 }

@@ -14,7 +14,7 @@ use crate::models::text::decoder::{stored_layer_count, DecoderStack, KeyLayout};
 use crate::models::text::storage::WeightPlacement;
 use crate::models::text::tokenizer::{locate_tokenizer, PromptTokenizer, TokenBatch};
 use crate::models::text::{mistral3, qwen3};
-use crate::models::version::TextEncoderKind;
+use crate::models::version::{ModelVersion, TextEncoderKind};
 
 /// A text-encoder checkpoint whose layout, configuration and key/shape table have been checked.
 pub struct TextEncoderCheckpoint {
@@ -89,12 +89,15 @@ pub struct TextEncoderOptions {
 }
 
 impl TextEncoderOptions {
-    /// The FLUX.2 layers of `kind` (dev 10/20/30, klein 9/18/27) on `device` in `dtype`.
+    /// The FLUX.2 layers of `kind` from the version table (dev 10/20/30, klein 9/18/27) on
+    /// `device` in `dtype`.
     pub fn new(kind: TextEncoderKind, device: Device, dtype: candle_core::DType) -> Self {
-        let layers = match kind {
-            TextEncoderKind::Mistral3 => vec![10, 20, 30],
-            TextEncoderKind::Qwen3 => vec![9, 18, 27],
-        };
+        let layers = ModelVersion::ALL
+            .into_iter()
+            .map(ModelVersion::info)
+            .find(|info| info.text_encoder == kind)
+            .map(|info| info.text_encoder_layers.to_vec())
+            .unwrap_or_default();
         Self {
             placement: WeightPlacement::new(device, dtype),
             layers,
