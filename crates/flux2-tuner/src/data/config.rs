@@ -224,17 +224,6 @@ impl DatasetConfig {
             let spec = resolve_dataset(index, &table, &general, fallbacks).map_err(&error)?;
             datasets.push(spec);
         }
-        let mut seen = HashSet::new();
-        for spec in &datasets {
-            if !seen.insert(spec.cache_directory.clone()) {
-                return Err(error(format!(
-                    "{}: cache directory {} is used by another dataset; each dataset needs its own \
-                     (it defaults to the image directory)",
-                    spec.name(),
-                    spec.cache_directory.display()
-                )));
-            }
-        }
         Ok(Self {
             path: path.to_path_buf(),
             datasets,
@@ -243,7 +232,23 @@ impl DatasetConfig {
 
     /// Checks that the directories and files named by the datasets exist (the cache directory is
     /// created when needed, as Musubi does).
+    /// Also checks that no two datasets share a cache directory (Musubi's
+    /// `generate_dataset_group_by_blueprint`).
     pub fn check_paths(&self) -> Result<()> {
+        let mut seen = HashSet::new();
+        for spec in &self.datasets {
+            if !seen.insert(spec.cache_directory.clone()) {
+                return Err(Error::InvalidConfig {
+                    path: self.path.clone(),
+                    message: format!(
+                        "{}: cache directory {} is used by another dataset; each dataset needs \
+                         its own (it defaults to the image directory)",
+                        spec.name(),
+                        spec.cache_directory.display()
+                    ),
+                });
+            }
+        }
         for spec in &self.datasets {
             let (key, path, directory) = match &spec.source {
                 DatasetSource::ImageDirectory(p) => ("image_directory", p, true),
@@ -466,13 +471,6 @@ fn resolve_dataset(
             ))
         }
     };
-    if matches!(source, DatasetSource::ImageDirectory(_)) && caption_extension.is_none() {
-        return Err(format!(
-            "{section}: `caption_extension` is required for `image_directory` (set it in the \
-             dataset or in [general], for example \".txt\")"
-        ));
-    }
-
     Ok(DatasetSpec {
         index,
         source,

@@ -81,7 +81,17 @@ pub fn discover_items(spec: &DatasetSpec) -> Result<Vec<DatasetItem>> {
 }
 
 fn discover_directory(spec: &DatasetSpec, directory: &Path) -> Result<Vec<DatasetItem>> {
-    let extension = spec.caption_extension.clone().unwrap_or_default();
+    // Musubi would fail reading the caption `splitext(path)[0] + ""`; say why up front.
+    let Some(extension) = spec.caption_extension.clone() else {
+        return Err(Error::InvalidArgument {
+            name: format!("{}: caption_extension", spec.name()),
+            message: format!(
+                "required for `image_directory` {} (set it in the dataset or in [general], for \
+                 example \".txt\")",
+                directory.display()
+            ),
+        });
+    };
     // Images are kept when a file `*{caption_extension}` has the image's stem as its own stem.
     let caption_stems: BTreeSet<String> = std::fs::read_dir(directory)
         .map_err(|e| Error::io(directory, "cannot list the directory", e))?

@@ -441,3 +441,112 @@ pub fn swiglu(x: &Tensor, column: usize, width: usize) -> Result<Tensor> {
         other => Err(Error::Shape(format!("swiglu: unsupported dtype {other:?}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::norm::{layer_norm, rms_norm};
+    use crate::nn::rope::RopeTables;
+    use candle_core::{Device, D};
+
+    fn random(shape: &[usize], seed: u64) -> Result<Tensor> {
+        let mut rng = crate::util::rng::SeededRng::new(seed);
+        let count: usize = shape.iter().product();
+        let values: Vec<f32> = (0..count).map(|_| rng.normal() as f32).collect();
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> Result<f32> {
+        Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar()?)
+    }
+
+    /// Each kernel against the candle op chain it replaces, batch 2 (per-sample modulation).
+    #[test]
+    fn kernels_match_their_op_chains() -> Result<()> {
+        let x = random(&[2, 5, 24], 1)?;
+        let (shift, scale, gate) = (
+            random(&[2, 1, 24], 2)?,
+            random(&[2, 1, 24], 3)?,
+            random(&[2, 1, 24], 4)?,
+        );
+        let chain = layer_norm(&x, 1e-6)?
+            .broadcast_mul(&(&scale + 1.0)?)?
+            .broadcast_add(&shift)?;
+        assert!(max_difference(&modulate(&x, &shift, &scale, 1e-6)?, &chain)? < 1e-5);
+
+        let y = random(&[2, 5, 24], 5)?;
+        let chain = (&x + y.broadcast_mul(&gate)?)?;
+        assert!(max_difference(&gated_add(&x, &gate, &y)?, &chain)? < 1e-6);
+
+        let wide = random(&[2, 5, 30], 6)?;
+        let (a, b) = (
+            wide.narrow(D::Minus1, 10, 10)?,
+            wide.narrow(D::Minus1, 20, 10)?,
+        );
+        let chain = (candle_nn::ops::silu(&a)? * b)?;
+        assert!(max_difference(&swiglu(&wide, 10, 20)?, &chain)? < 1e-6);
+
+        // 2 heads of 8 after 4 leading columns; RoPE rows from token 3 of a 9-token table.
+        let (heads, head_dim) = (2, 8);
+        let projected = random(&[2, 5, 4 + 3 * heads * head_dim], 7)?;
+        let (query_scale, key_scale) = (random(&[head_dim], 8)?, random(&[head_dim], 9)?);
+        let ids: Vec<i64> = (0..2 * 9)
+            .flat_map(|t| [0, t % 9, 2 * (t % 9), 1])
+            .collect();
+        let ids = Tensor::from_vec(ids, (2, 9, 4), &Device::Cpu)?;
+        let tables = RopeTables::new(&ids, &[2, 2, 2, 2], 10.0)?;
+        let parameters = QkNormRope {
+            heads,
+            query_scale: &query_scale,
+            key_scale: &key_scale,
+            eps: 1e-6,
+            cos: &tables.cos,
+            sin: &tables.sin,
+            table_offset: 3,
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let projected = projected.to_dtype(dtype)?;
+            let (q, k, v) = qk_norm_rope(&projected, 4, &parameters)?;
+            let qkv = projected
+                .narrow(D::Minus1, 4, 3 * heads * head_dim)?
+                .reshape((2, 5, 3, heads, head_dim))?
+                .permute((2, 0, 3, 1, 4))?;
+            let rows = RopeTables {
+                cos: tables.cos.narrow(1, 3, 5)?.contiguous()?,
+                sin: tables.sin.narrow(1, 3, 5)?.contiguous()?,
+            };
+            let q_chain = rows.apply(&rms_norm(&qkv.get(0)?, &query_scale, 1e-6)?)?;
+            let k_chain = rows.apply(&rms_norm(&qkv.get(1)?, &key_scale, 1e-6)?)?;
+            // Same roundings in the same order: equal up to f32 summation order.
+            let tolerance = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            assert!(max_difference(&q, &q_chain)? < tolerance, "{dtype:?} q");
+            assert!(max_difference(&k, &k_chain)? < tolerance, "{dtype:?} k");
+            assert_eq!(max_difference(&v, &qkv.get(2)?)?, 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        for value in [
+            1.0f32,
+            1.00390625,
+            1.01171875,
+            -3.3e-5,
+            3.395e38,
+            f32::INFINITY,
+            0.0,
+        ] {
+            assert_eq!(
+                round_to_bf16(value).to_bits(),
+                bf16::from_f32(value).to_bits(),
+                "{value}"
+            );
+        }
+        assert!(round_to_bf16(f32::NAN).is_nan());
+    }
+}

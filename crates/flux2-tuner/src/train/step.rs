@@ -1,7 +1,8 @@
 //! One training step's forward and loss (training-and-data.md §3): noise the latents, run the DiT
 //! with gradient recording on, compare with the flow-matching target.
 
-use candle_core::{DType, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
 
 use crate::error::Result;
 use crate::models::dit::tokens::{
@@ -9,6 +10,7 @@ use crate::models::dit::tokens::{
 };
 use crate::models::dit::{DitInput, Flux2Dit};
 use crate::nn::grad_mode::GradGuard;
+use crate::nn::trainable::checkpointed;
 
 /// One batch of a step.
 ///
@@ -48,17 +50,51 @@ fn per_sample(values: &[f64], like: &Tensor) -> Result<Tensor> {
     )?)
 }
 
-/// Noises the batch, runs the DiT (gradients recorded into the LoRA `Var`s attached to it) and
-/// returns `mean(weight * (prediction - (noise - latents))^2)` over all elements.
-pub fn training_forward(dit: &Flux2Dit, batch: &StepBatch) -> Result<StepOutput> {
-    let _grad = GradGuard::enable();
+/// The DiT input of a batch plus what the loss needs.
+struct PreparedBatch {
+    tokens: Tensor,
+    ids: Tensor,
+    text_ids: Tensor,
+    timesteps: Tensor,
+    guidance: Option<Tensor>,
+    target: Tensor,
+    weights: Tensor,
+    height: usize,
+    width: usize,
+}
+
+impl PreparedBatch {
+    fn input<'a>(&'a self, text: &'a Tensor) -> DitInput<'a> {
+        DitInput {
+            image_tokens: &self.tokens,
+            image_position_ids: &self.ids,
+            text_embeddings: text,
+            text_position_ids: &self.text_ids,
+            timesteps: &self.timesteps,
+            guidance: self.guidance.as_ref(),
+        }
+    }
+
+    /// `mean(weight * (prediction - target)^2)` from the DiT output tokens; returns the loss and
+    /// the unpacked prediction.
+    fn loss(&self, output: &Tensor) -> Result<(Tensor, Tensor)> {
+        let tokens = output.narrow(1, 0, self.height * self.width)?;
+        let prediction = unpack_tokens(&tokens, self.height, self.width)?;
+        let squared = (&prediction - &self.target)?.sqr()?;
+        let loss = squared.broadcast_mul(&self.weights)?.mean_all()?;
+        Ok((loss, prediction))
+    }
+}
+
+/// Noises the latents (`x_t = (1 - t) x0 + t noise`) and builds the DiT input: packed noisy
+/// tokens followed by the clean control tokens (t = 10, 20, ...), text ids, timesteps, guidance.
+fn prepare_batch(dit: &Flux2Dit, batch: &StepBatch) -> Result<PreparedBatch> {
     let latents = batch.latents.to_dtype(DType::F32)?;
     let noise = batch.noise.to_dtype(DType::F32)?;
     let device = latents.device();
     let (batch_size, _, height, width) = latents.dims4()?;
     let sigma = per_sample(batch.sigmas, &latents)?;
     let noisy = (latents.broadcast_mul(&(1.0 - &sigma)?)? + noise.broadcast_mul(&sigma)?)?;
-
     let mut tokens = vec![pack_latents(&noisy)?];
     let mut ids = vec![image_position_ids(batch_size, height, width, 0, device)?];
     for (index, control) in batch.controls.iter().enumerate() {
@@ -72,29 +108,154 @@ pub fn training_forward(dit: &Flux2Dit, batch: &StepBatch) -> Result<StepOutput>
             device,
         )?);
     }
-    let tokens = Tensor::cat(&tokens, 1)?;
-    let ids = Tensor::cat(&ids, 1)?;
-    let text_ids = text_position_ids(batch_size, batch.text.dim(1)?, device)?;
     let timesteps: Vec<f32> = batch.model_timesteps.iter().map(|t| *t as f32).collect();
-    let timesteps = Tensor::from_vec(timesteps, batch_size, device)?;
     let guidance = match batch.guidance {
         Some(g) if dit.config.guidance_embed => Some(Tensor::full(g as f32, batch_size, device)?),
         _ => None,
     };
-    let output = dit.forward(&DitInput {
-        image_tokens: &tokens,
-        image_position_ids: &ids,
-        text_embeddings: batch.text,
-        text_position_ids: &text_ids,
-        timesteps: &timesteps,
-        guidance: guidance.as_ref(),
-    })?;
-    let prediction = unpack_tokens(&output.narrow(1, 0, height * width)?, height, width)?;
-    let target = (noise - latents)?;
-    let squared = (&prediction - target)?.sqr()?;
-    let weighted = squared.broadcast_mul(&per_sample(batch.weights, &squared)?)?;
-    Ok(StepOutput {
-        loss: weighted.mean_all()?,
-        prediction,
+    Ok(PreparedBatch {
+        tokens: Tensor::cat(&tokens, 1)?,
+        ids: Tensor::cat(&ids, 1)?,
+        text_ids: text_position_ids(batch_size, batch.text.dim(1)?, device)?,
+        timesteps: Tensor::from_vec(timesteps, batch_size, device)?,
+        guidance,
+        target: (noise - latents)?,
+        weights: per_sample(batch.weights, batch.latents)?,
+        height,
+        width,
     })
+}
+
+/// Noises the batch, runs the DiT with gradient recording on (into the LoRA `Var`s attached to
+/// it) and returns `mean(weight * (prediction - (noise - latents))^2)` over all elements.
+pub fn training_forward(dit: &Flux2Dit, batch: &StepBatch) -> Result<StepOutput> {
+    let _grad = GradGuard::enable();
+    let prepared = prepare_batch(dit, batch)?;
+    let output = dit.forward(&prepared.input(batch.text))?;
+    let (loss, prediction) = prepared.loss(&output)?;
+    Ok(StepOutput { loss, prediction })
+}
+
+/// A finished step: the loss value and the gradient of each parameter (zeros where none).
+pub struct StepGradients {
+    pub loss: f32,
+    pub gradients: Vec<Tensor>,
+}
+
+fn gradients_of(store: &GradStore, parameters: &[Var]) -> Result<Vec<Option<Tensor>>> {
+    Ok(parameters
+        .iter()
+        .map(|p| store.get(p.as_tensor()).cloned())
+        .collect())
+}
+
+fn accumulate(total: &mut [Option<Tensor>], part: Vec<Option<Tensor>>) -> Result<()> {
+    for (slot, gradient) in total.iter_mut().zip(part) {
+        if let Some(gradient) = gradient {
+            *slot = Some(match slot.take() {
+                Some(sum) => (sum + gradient)?,
+                None => gradient,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Forward and backward of one batch; with `checkpointing`, block by block (gradient
+/// checkpointing: only block inputs are kept, each block is recomputed in the backward). Both
+/// give the same gradients (tested).
+pub fn training_step(
+    dit: &Flux2Dit,
+    batch: &StepBatch,
+    parameters: &[Var],
+    checkpointing: bool,
+) -> Result<StepGradients> {
+    let mut totals: Vec<Option<Tensor>> = vec![None; parameters.len()];
+    let loss = if checkpointing {
+        checkpointed_backward(dit, batch, parameters, &mut totals)?
+    } else {
+        let output = training_forward(dit, batch)?;
+        let store = output.loss.backward()?;
+        accumulate(&mut totals, gradients_of(&store, parameters)?)?;
+        output.loss.to_scalar::<f32>()?
+    };
+    let gradients = totals
+        .into_iter()
+        .zip(parameters)
+        .map(|(g, p)| match g {
+            Some(g) => Ok(g),
+            None => Ok(Tensor::zeros_like(p.as_tensor())?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(StepGradients { loss, gradients })
+}
+
+/// Block-level gradient checkpointing (rust-stack.md §4.4): the embeddings and modulations carry
+/// no LoRA and are computed once without a graph; each block keeps only its inputs; after the
+/// loss the blocks are recomputed in reverse order, one graph at a time.
+fn checkpointed_backward(
+    dit: &Flux2Dit,
+    batch: &StepBatch,
+    parameters: &[Var],
+    totals: &mut [Option<Tensor>],
+) -> Result<f32> {
+    let _grad = GradGuard::enable();
+    let prepared_batch = prepare_batch(dit, batch)?;
+    let prepared = dit.prepare(&prepared_batch.input(batch.text))?;
+    let (img_mod, txt_mod, single_mod, rope) = (
+        &prepared.img_mod,
+        &prepared.txt_mod,
+        &prepared.single_mod[0],
+        &prepared.rope,
+    );
+
+    let mut double_checkpoints = Vec::with_capacity(dit.double_blocks.len());
+    let (mut img, mut txt) = (prepared.img.detach(), prepared.txt.detach());
+    for block in &dit.double_blocks {
+        let (outputs, checkpoint) = checkpointed(&[img, txt], move |inputs: &[Tensor]| {
+            let (img, txt) = block.forward(&inputs[0], &inputs[1], img_mod, txt_mod, rope)?;
+            Ok(vec![img, txt])
+        })?;
+        img = outputs[0].clone();
+        txt = outputs[1].clone();
+        double_checkpoints.push(checkpoint);
+    }
+    let text_length = txt.dim(1)?;
+    let mut joint = Tensor::cat(&[&txt, &img], 1)?;
+    let mut single_checkpoints = Vec::with_capacity(dit.single_blocks.len());
+    for block in &dit.single_blocks {
+        let (outputs, checkpoint) = checkpointed(&[joint], move |inputs: &[Tensor]| {
+            Ok(vec![block.forward(&inputs[0], single_mod, rope)?])
+        })?;
+        joint = outputs[0].clone();
+        single_checkpoints.push(checkpoint);
+    }
+
+    let joint_var = Var::from_tensor(&joint)?;
+    let output = dit.finish(joint_var.as_tensor(), text_length, &prepared.vec)?;
+    let (loss, _) = prepared_batch.loss(&output)?;
+    let store = loss.backward()?;
+    accumulate(totals, gradients_of(&store, parameters)?)?;
+    let mut joint_grad = store.get(joint_var.as_tensor()).cloned();
+
+    for checkpoint in single_checkpoints.iter().rev() {
+        let gradients = checkpoint.backward(&[joint_grad])?;
+        accumulate(totals, gradients_of(&gradients.store, parameters)?)?;
+        joint_grad = gradients.inputs.into_iter().next().flatten();
+    }
+    let (mut txt_grad, mut img_grad) = match &joint_grad {
+        Some(g) => (
+            Some(g.narrow(1, 0, text_length)?),
+            Some(g.narrow(1, text_length, g.dim(1)? - text_length)?),
+        ),
+        None => (None, None),
+    };
+    for checkpoint in double_checkpoints.iter().rev() {
+        let gradients = checkpoint.backward(&[img_grad, txt_grad])?;
+        accumulate(totals, gradients_of(&gradients.store, parameters)?)?;
+        let mut inputs = gradients.inputs.into_iter();
+        img_grad = inputs.next().flatten();
+        txt_grad = inputs.next().flatten();
+    }
+    Ok(loss.to_scalar::<f32>()?)
 }

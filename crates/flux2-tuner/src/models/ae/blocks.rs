@@ -38,10 +38,12 @@ impl ResnetBlock {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let same = Padding::uniform(1);
-        let h = self.norm1.forward(x, true)?;
-        let h = self.conv1.forward(&h, 1, same, false)?;
-        let h = self.norm2.forward(&h, true)?;
-        let h = self.conv2.forward(&h, 1, same, false)?;
+        // One binding, reassigned, so that each intermediate is freed as soon as the next exists
+        // (shadowed bindings would all live to the end of the function).
+        let mut h = self.norm1.forward(x, true)?;
+        h = self.conv1.forward(&h, 1, same, false)?;
+        h = self.norm2.forward(&h, true)?;
+        h = self.conv2.forward(&h, 1, same, false)?;
         let residual = match &self.nin_shortcut {
             Some(shortcut) => shortcut.forward_pointwise(x)?,
             None => x.clone(),

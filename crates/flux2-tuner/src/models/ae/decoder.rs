@@ -71,7 +71,7 @@ impl Decoder {
                 h = upsample.forward(&h)?;
             }
         }
-        let h = self.norm_out.forward(&h, true)?;
+        h = self.norm_out.forward(&h, true)?;
         self.conv_out.forward(&h, 1, same, false)
     }
 }

@@ -91,9 +91,9 @@ impl Encoder {
                 h = downsample.forward(&h)?;
             }
         }
-        let h = self.mid.forward(&h)?;
-        let h = self.norm_out.forward(&h, true)?;
-        let h = self.conv_out.forward(&h, 1, same, false)?;
+        h = self.mid.forward(&h)?;
+        h = self.norm_out.forward(&h, true)?;
+        h = self.conv_out.forward(&h, 1, same, false)?;
         self.quant_conv.forward_pointwise(&h)
     }
 }

@@ -54,18 +54,16 @@ mod tests {
         let p = patchify(&x)?;
         assert_eq!(p.dims(), &[1, 8, 2, 3]);
         let p = patchify(&x)?.squeeze(0)?.to_vec3::<f32>()?;
-        for c in 0..2 {
-            for dy in 0..2 {
-                for dx in 0..2 {
-                    for i in 0..2 {
-                        for j in 0..3 {
-                            let expected = (1000 * c + 10 * (2 * i + dy) + 2 * j + dx) as f32;
-                            assert_eq!(p[c * 4 + dy * 2 + dx][i][j], expected);
-                        }
-                    }
+        for (channel, plane) in p.iter().enumerate() {
+            let (c, dy, dx) = (channel / 4, (channel / 2) % 2, channel % 2);
+            for (i, row) in plane.iter().enumerate() {
+                for (j, &value) in row.iter().enumerate() {
+                    let expected = (1000 * c + 10 * (2 * i + dy) + 2 * j + dx) as f32;
+                    assert_eq!(value, expected, "channel {channel} at ({i}, {j})");
                 }
             }
         }
+        assert_eq!(p.len(), 8);
         Ok(())
     }
 

@@ -5,7 +5,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::models::dit::blocks::{DoubleStreamBlock, LastLayer, Modulation, SingleStreamBlock};
+use crate::models::dit::blocks::{
+    DoubleStreamBlock, LastLayer, Modulation, ModulationParams, SingleStreamBlock,
+};
 use crate::models::dit::embeddings::{timestep_embedding, MlpEmbedder};
 use crate::models::dit::weights::DitWeights;
 use crate::models::dit::DitConfig;
@@ -30,6 +32,22 @@ pub struct DitInput<'a> {
     pub text_position_ids: &'a Tensor,
     pub timesteps: &'a Tensor,
     pub guidance: Option<&'a Tensor>,
+}
+
+/// What [`Flux2Dit::prepare`] computes before the blocks.
+pub struct Prepared {
+    /// Conditioning vector `[b, hidden]`.
+    pub vec: Tensor,
+    /// The two `(shift, scale, gate)` triples of the image stream, shared by all double blocks.
+    pub img_mod: Vec<ModulationParams>,
+    pub txt_mod: Vec<ModulationParams>,
+    /// The single triple shared by all single blocks.
+    pub single_mod: Vec<ModulationParams>,
+    /// Embedded image tokens `[b, n, hidden]` and text tokens `[b, l, hidden]`.
+    pub img: Tensor,
+    pub txt: Tensor,
+    /// RoPE tables of `[txt; img]`.
+    pub rope: RopeTables,
 }
 
 /// The FLUX.2 DiT.
@@ -177,17 +195,18 @@ impl Flux2Dit {
         Ok(vec)
     }
 
-    /// Runs the transformer and returns the velocity for every image token, f32 `[b, n, 128]`.
-    pub fn forward(&self, input: &DitInput) -> Result<Tensor> {
+    /// Everything computed before the blocks: the conditioning vector, the shared modulations,
+    /// the embedded image and text tokens and the RoPE tables. None of it carries LoRA, so during
+    /// training it needs no gradient.
+    pub fn prepare(&self, input: &DitInput) -> Result<Prepared> {
         let vec = self.conditioning(input.timesteps, input.guidance)?;
         let img_mod = self.double_stream_modulation_img.forward(&vec)?;
         let txt_mod = self.double_stream_modulation_txt.forward(&vec)?;
         let single_mod = self.single_stream_modulation.forward(&vec)?;
-
-        let mut img = self
+        let img = self
             .img_in
             .forward(&input.image_tokens.to_dtype(self.dtype)?)?;
-        let mut txt = self
+        let txt = self
             .txt_in
             .forward(&input.text_embeddings.to_dtype(self.dtype)?)?;
         let (axes, theta) = (&self.config.axes_dim, self.config.theta);
@@ -195,18 +214,44 @@ impl Flux2Dit {
             &RopeTables::new(input.text_position_ids, axes, theta)?,
             &RopeTables::new(input.image_position_ids, axes, theta)?,
         )?;
+        Ok(Prepared {
+            vec,
+            img_mod,
+            txt_mod,
+            single_mod,
+            img,
+            txt,
+            rope,
+        })
+    }
 
+    /// The final layer on the joint `[txt; img]` sequence after the last single block: drops the
+    /// text tokens and returns f32 `[b, n, 128]`.
+    pub fn finish(&self, joint: &Tensor, text_length: usize, vec: &Tensor) -> Result<Tensor> {
+        let image_length = joint.dim(1)? - text_length;
+        let img = joint.narrow(1, text_length, image_length)?;
+        self.final_layer.forward(&img, vec)
+    }
+
+    /// Runs the transformer and returns the velocity for every image token, f32 `[b, n, 128]`.
+    pub fn forward(&self, input: &DitInput) -> Result<Tensor> {
+        let prepared = self.prepare(input)?;
+        let (mut img, mut txt) = (prepared.img.clone(), prepared.txt.clone());
         for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, &img_mod, &txt_mod, &rope)?;
+            (img, txt) = block.forward(
+                &img,
+                &txt,
+                &prepared.img_mod,
+                &prepared.txt_mod,
+                &prepared.rope,
+            )?;
         }
         let text_length = txt.dim(1)?;
-        let image_length = img.dim(1)?;
         let mut joint = Tensor::cat(&[&txt, &img], 1)?;
         for block in &self.single_blocks {
-            joint = block.forward(&joint, &single_mod[0], &rope)?;
+            joint = block.forward(&joint, &prepared.single_mod[0], &prepared.rope)?;
         }
-        let img = joint.narrow(1, text_length, image_length)?;
-        self.final_layer.forward(&img, &vec)
+        self.finish(&joint, text_length, &prepared.vec)
     }
 
     /// Every tensor with its BFL key, for saving the model in the original format (for example after

@@ -33,7 +33,7 @@ impl TextEncoderCheckpoint {
     pub fn open(path: &Path, kind: TextEncoderKind) -> Result<Self> {
         let checkpoint = Checkpoint::open(path)?;
         let layout = match kind {
-            TextEncoderKind::Qwen3 => qwen3::layout(&checkpoint),
+            TextEncoderKind::Qwen3 => qwen3::layout(),
             TextEncoderKind::Mistral3 => mistral3::layout(&checkpoint)?,
         };
         let embedding = checkpoint
@@ -124,9 +124,9 @@ impl TextEncoder {
                 message: "at least one hidden-state index is needed".into(),
             });
         }
+        let checked = TextEncoderCheckpoint::open(path, kind)?;
         let tokenizer_path = locate_tokenizer(path, options.tokenizer.as_deref())?;
         let tokenizer = PromptTokenizer::load(&tokenizer_path, kind)?;
-        let checked = TextEncoderCheckpoint::open(path, kind)?;
         let model = DecoderStack::load(
             &checked.checkpoint,
             &checked.layout,

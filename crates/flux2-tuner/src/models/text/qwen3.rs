@@ -2,12 +2,12 @@
 //! per-head `q_norm`/`k_norm`. The output projection `lm_head.weight` is absent when tied
 //! (Qwen3-4B) and present otherwise (Qwen3-8B); either way it is never used.
 
-use crate::checkpoint::{Checkpoint, KeySpec};
+use crate::checkpoint::KeySpec;
 use crate::models::text::config::TextEncoderConfig;
 use crate::models::text::decoder::{language_model_keys, KeyLayout};
 
 /// Qwen3's key layout: `model.*` and `lm_head.weight`.
-pub fn layout(_checkpoint: &Checkpoint) -> KeyLayout {
+pub fn layout() -> KeyLayout {
     KeyLayout::causal_lm()
 }
 
