@@ -20,6 +20,9 @@ pub enum Command {
     /// Generate images (text to image, or editing with --control_image_path), as Musubi's
     /// flux_2_generate_image.py.
     Generate(Box<crate::generate::GenerateArgs>),
+    /// Train a LoRA on cached latents and text-encoder outputs, as Musubi's
+    /// flux_2_train_network.py.
+    Train(Box<crate::train::TrainArgs>),
     /// Check a DiT checkpoint without running it: infers its configuration, checks every key,
     /// shape and dtype, and says which FLUX.2 version it is.
     Inspect(InspectArgs),

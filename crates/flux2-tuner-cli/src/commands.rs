@@ -11,6 +11,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect(&args),
         Command::Generate(args) => crate::generate::run(&args),
+        Command::Train(args) => crate::train::run(&args),
         Command::CacheLatents(args) => crate::cache_latents::run(&args),
         Command::CacheTextEncoderOutputs(args) => crate::cache_text::run(&args),
     }

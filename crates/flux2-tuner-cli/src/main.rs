@@ -13,6 +13,7 @@ mod commands;
 mod device;
 mod generate;
 mod progress;
+mod train;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

@@ -311,7 +311,7 @@ fn skip_existing_reencodes_changed_buckets_and_stale_caches_are_removed() {
     let mut keep = latent_options(true);
     keep.keep_cache = true;
     let summary = cache_latents(&config, &keep, &mut SilentObserver).unwrap();
-    assert_eq!(summary.kept, [stale.clone()]);
+    assert_eq!(summary.kept, std::slice::from_ref(&stale));
     assert!(stale.is_file());
 
     // Bucketing off at 64x64: a and b change bucket; their names stay (original size), so
@@ -324,7 +324,7 @@ fn skip_existing_reencodes_changed_buckets_and_stale_caches_are_removed() {
     let summary = cache_latents(&config, &latent_options(true), &mut SilentObserver).unwrap();
     // a, b re-encoded; e (80x48 -> 64x64) re-encoded; c and f skipped.
     assert_eq!((summary.cached, summary.skipped), (3, 2));
-    assert_eq!(summary.removed, [stale.clone()]);
+    assert_eq!(summary.removed, std::slice::from_ref(&stale));
     assert!(!stale.exists() && text.is_file());
     assert_eq!(
         keys(&cache.join("a_0096x0064_f2k4b.safetensors"))[0],

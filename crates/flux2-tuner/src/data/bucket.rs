@@ -35,8 +35,8 @@ impl BucketSelector {
         let mut resolutions = Vec::new();
         let mut width = minimum;
         while width < side + steps {
-            if width > 0 {
-                let height = (area / width) - (area / width) % steps;
+            if let Some(quotient) = area.checked_div(width) {
+                let height = quotient - quotient % steps;
                 resolutions.push((width as u32, height as u32));
                 resolutions.push((height as u32, width as u32));
             }

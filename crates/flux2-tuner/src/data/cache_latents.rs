@@ -66,6 +66,9 @@ struct Prepared {
     controls: Vec<RgbImage>,
 }
 
+/// Items waiting for a full batch: target bucket, control sizes, items.
+type PendingBatch = ((u32, u32), Vec<(u32, u32)>, Vec<Prepared>);
+
 enum Work {
     Encode(Box<Prepared>),
     UpToDate(Plan),
@@ -305,7 +308,7 @@ fn cache_dataset(
     let batch_size = spec.batch_size.max(1);
     let mut produced = HashSet::new();
     let mut claimed = HashMap::new();
-    let mut pending: Vec<((u32, u32), Vec<(u32, u32)>, Vec<Prepared>)> = Vec::new();
+    let mut pending: Vec<PendingBatch> = Vec::new();
     for window in items.chunks(options.num_workers.max(1)) {
         let results: Vec<Result<Work>> = std::thread::scope(|scope| {
             let handles: Vec<_> = window
@@ -353,7 +356,10 @@ fn cache_dataset(
                 Work::Encode(prepared) => *prepared,
             };
             let key = (prepared.plan.bucket, prepared.plan.control_sizes.clone());
-            let position = match pending.iter().position(|(b, c, _)| (*b, c.clone()) == key) {
+            let position = match pending
+                .iter()
+                .position(|(b, c, _)| *b == key.0 && *c == key.1)
+            {
                 Some(position) => position,
                 None => {
                     pending.push((key.0, key.1, Vec::new()));

@@ -41,6 +41,9 @@ pub struct TextCacheOptions {
     pub keep_cache: bool,
 }
 
+/// One dataset's items with their cache paths, in dataset batches, and every path it produces.
+type PlannedDataset = (Vec<Vec<(DatasetItem, PathBuf)>>, HashSet<PathBuf>);
+
 /// True when `path` holds a `ctx_vec` for exactly `caption`.
 fn is_up_to_date(path: &std::path::Path, caption: &str) -> bool {
     let Ok(checkpoint) = Checkpoint::open(path) else {
@@ -64,7 +67,7 @@ pub fn cache_text_encoder_outputs(
     let mut summary = CacheSummary::default();
 
     // Plan everything first: which items need encoding, in dataset batches.
-    let mut datasets: Vec<(Vec<Vec<(DatasetItem, PathBuf)>>, HashSet<PathBuf>)> = Vec::new();
+    let mut datasets: Vec<PlannedDataset> = Vec::new();
     let mut total = 0;
     for spec in &config.datasets {
         check_image_dataset(spec)?;

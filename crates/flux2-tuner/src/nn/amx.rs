@@ -89,6 +89,25 @@ impl PackedB {
                 0
             }
         };
+        if k_stride == 1 && k % 2 == 0 {
+            // Pairs along k are adjacent in memory (a `[n, k]` row-major source): no bounds test
+            // per value.
+            for (strip, tiles) in data.chunks_exact_mut(depth_blocks * TILE_PAIRS).enumerate() {
+                let columns = n.saturating_sub(strip * TILE_COLUMNS).min(TILE_COLUMNS);
+                for c in 0..columns {
+                    let column = &source[(strip * TILE_COLUMNS + c) * n_stride..][..k];
+                    for (pair_row, pair) in column.chunks_exact(2).enumerate() {
+                        tiles[pair_row * TILE_COLUMNS + c] =
+                            u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+                    }
+                }
+            }
+            return Self {
+                data,
+                depth_blocks,
+                strips,
+            };
+        }
         for (strip, tiles) in data.chunks_exact_mut(depth_blocks * TILE_PAIRS).enumerate() {
             let columns = n.saturating_sub(strip * TILE_COLUMNS).min(TILE_COLUMNS);
             for (pair_row, row) in tiles.chunks_exact_mut(TILE_COLUMNS).enumerate() {

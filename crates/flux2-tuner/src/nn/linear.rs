@@ -8,9 +8,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::nn::amx::{self, PackedB, Tiles, BLOCK_ROWS};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::{
-    is_plain_cpu, vectorised, with_bf16_scratch, with_data, with_f32_scratch, SharedOutput,
-};
+use crate::nn::host::{is_plain_cpu, vectorised, with_data, with_f32_scratch};
 
 /// A low-rank update `scale * up @ down` attached to a [`Linear`].
 #[derive(Debug, Clone)]
@@ -43,8 +41,8 @@ fn bf16_values(storage: &CpuStorage, offset: usize) -> Result<&[bf16]> {
 /// `x W^T` on AMX tiles for bf16 inference (`x` `[rows, in]`, `W` `[out, in]`), or `None` where it
 /// does not apply (other dtype or device, a gradient to record, no AMX).
 ///
-/// Computed as `(W x^T)^T`: the weight is the in-place left operand and only the activations are
-/// repacked, so no per-call copy of the weight is made.
+/// `x` is the in-place left operand; `W^T` is repacked into tile layout for the call (a transient
+/// copy the size of the weight), so that output rows come out contiguous.
 fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     if x.dtype() != DType::BF16
         || weight.dtype() != DType::BF16
@@ -57,53 +55,36 @@ fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     let out_features = weight.dim(0)?;
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     let mut y = vec![bf16::ZERO; rows * out_features];
-    let target = SharedOutput(y.as_mut_ptr());
     with_data(&x, |xs, x_offset| {
         with_data(&weight, |ws, w_offset| {
             let (xs, ws) = (bf16_values(xs, x_offset)?, bf16_values(ws, w_offset)?);
-            // x^T as the right operand: element (i, r) = x[r, i].
-            let packed = PackedB::new(xs, in_features, rows, 1, in_features);
+            // W^T as the right operand: element (i, o) = W[o, i].
+            let packed = PackedB::new(ws, in_features, out_features, 1, in_features);
             let depth = packed.padded_depth();
             let width = packed.padded_columns();
-            (0..out_features.div_ceil(BLOCK_ROWS))
-                .into_par_iter()
-                .for_each(|block| {
+            y.par_chunks_mut(BLOCK_ROWS * out_features)
+                .enumerate()
+                .for_each(|(block, y_rows)| {
                     let Some(tiles) = Tiles::configure() else {
                         return;
                     };
                     let first = block * BLOCK_ROWS;
-                    let count = (out_features - first).min(BLOCK_ROWS);
-                    let weight_rows = &ws[first * in_features..];
+                    let count = (rows - first).min(BLOCK_ROWS);
+                    let x_rows = &xs[first * in_features..];
                     let padded;
                     let (a, lda) = if count == BLOCK_ROWS && depth == in_features {
-                        (weight_rows, in_features)
+                        (x_rows, in_features)
                     } else {
-                        padded =
-                            amx::padded_block(weight_rows, count, in_features, in_features, depth);
+                        padded = amx::padded_block(x_rows, count, in_features, in_features, depth);
                         (padded.as_slice(), depth)
                     };
                     with_f32_scratch(BLOCK_ROWS * width, |block_out| {
                         tiles.multiply_row_block(a, lda, &packed, block_out, width);
-                        // Round row by row (vectorised), then transpose into the output.
-                        with_bf16_scratch(count * rows, |rounded| {
-                            vectorised(|| {
-                                for (i, out_row) in rounded.chunks_exact_mut(rows).enumerate() {
-                                    let values = &block_out[i * width..i * width + rows];
-                                    for (o, &v) in out_row.iter_mut().zip(values) {
-                                        *o = round_to_bf16(v);
-                                    }
-                                }
-                            });
-                            for r in 0..rows {
-                                for i in 0..count {
-                                    // SAFETY: output features `first..first + count` belong to
-                                    // this task only.
-                                    unsafe {
-                                        target.write(
-                                            r * out_features + first + i,
-                                            rounded[i * rows + r],
-                                        )
-                                    };
+                        vectorised(|| {
+                            for (r, y_row) in y_rows.chunks_exact_mut(out_features).enumerate() {
+                                let values = &block_out[r * width..r * width + out_features];
+                                for (o, &v) in y_row.iter_mut().zip(values) {
+                                    *o = round_to_bf16(v);
                                 }
                             }
                         });

@@ -16,6 +16,27 @@ impl SeededRng {
         }
     }
 
+    /// The generator's full state, for saving a training state.
+    pub fn state(&self) -> (u64, Option<f64>) {
+        (self.state, self.spare_normal)
+    }
+
+    /// A generator continuing from a saved [`SeededRng::state`].
+    pub fn from_state(state: u64, spare_normal: Option<f64>) -> Self {
+        Self {
+            state,
+            spare_normal,
+        }
+    }
+
+    /// Shuffles `items` in place (Fisher-Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
+    }
+
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -4,13 +4,15 @@
 //! queries and keys before RoPE. Only the layers up to the deepest requested hidden state are
 //! loaded and run.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
 use crate::checkpoint::{Checkpoint, KeySpec};
 use crate::error::{Error, Result};
 use crate::models::text::attention::{masked_attention, CausalPaddingMask, RotaryTables};
 use crate::models::text::config::TextEncoderConfig;
-use crate::models::text::storage::{StoredWeight, WeightPlacement};
+use crate::models::text::storage::{StoredWeight, WeightPlacement, WeightRole};
 use crate::nn::norm::rms_norm;
 
 /// Where the language model's tensors sit in a checkpoint.
@@ -174,41 +176,41 @@ fn project(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 
 impl DecoderLayer {
     fn load(
-        checkpoint: &Checkpoint,
+        checkpoint: &Arc<Checkpoint>,
         prefix: &str,
         config: &TextEncoderConfig,
         placement: &WeightPlacement,
     ) -> Result<Self> {
-        let weight = |name: &str, quantise: bool| {
+        let weight = |name: &str, role: WeightRole| {
             StoredWeight::load(
                 checkpoint,
                 &format!("{prefix}.{name}.weight"),
                 placement,
-                quantise,
+                role,
             )
         };
         let norm = |name: &str| -> Result<Option<StoredWeight>> {
             if config.has_qk_norm() {
-                Ok(Some(weight(name, false)?))
+                Ok(Some(weight(name, WeightRole::Dense)?))
             } else {
                 Ok(None)
             }
         };
         Ok(Self {
-            input_layernorm: weight("input_layernorm", false)?,
+            input_layernorm: weight("input_layernorm", WeightRole::Dense)?,
             self_attn: SelfAttention {
-                q_proj: weight("self_attn.q_proj", true)?,
-                k_proj: weight("self_attn.k_proj", true)?,
-                v_proj: weight("self_attn.v_proj", true)?,
-                o_proj: weight("self_attn.o_proj", true)?,
+                q_proj: weight("self_attn.q_proj", WeightRole::Projection)?,
+                k_proj: weight("self_attn.k_proj", WeightRole::Projection)?,
+                v_proj: weight("self_attn.v_proj", WeightRole::Projection)?,
+                o_proj: weight("self_attn.o_proj", WeightRole::Projection)?,
                 q_norm: norm("self_attn.q_norm")?,
                 k_norm: norm("self_attn.k_norm")?,
             },
-            post_attention_layernorm: weight("post_attention_layernorm", false)?,
+            post_attention_layernorm: weight("post_attention_layernorm", WeightRole::Dense)?,
             mlp: Mlp {
-                gate_proj: weight("mlp.gate_proj", true)?,
-                up_proj: weight("mlp.up_proj", true)?,
-                down_proj: weight("mlp.down_proj", true)?,
+                gate_proj: weight("mlp.gate_proj", WeightRole::Projection)?,
+                up_proj: weight("mlp.up_proj", WeightRole::Projection)?,
+                down_proj: weight("mlp.down_proj", WeightRole::Projection)?,
             },
         })
     }
@@ -312,7 +314,7 @@ pub struct DecoderStack {
 impl DecoderStack {
     /// Loads what `hidden_states[k]` for every `k` in `outputs` needs from a validated checkpoint.
     pub fn load(
-        checkpoint: &Checkpoint,
+        checkpoint: &Arc<Checkpoint>,
         layout: &KeyLayout,
         config: &TextEncoderConfig,
         outputs: &[usize],
@@ -343,7 +345,7 @@ impl DecoderStack {
                 checkpoint,
                 &layout.key("norm.weight"),
                 placement,
-                false,
+                WeightRole::Dense,
             )?)
         } else {
             None
@@ -355,7 +357,7 @@ impl DecoderStack {
                 checkpoint,
                 &layout.key("embed_tokens.weight"),
                 placement,
-                false,
+                WeightRole::Dense,
             )?,
             layers,
             norm,
@@ -408,7 +410,7 @@ impl DecoderStack {
             }
         }
         // The embedding lookup runs where the table is stored (host memory when streaming).
-        let table = self.embed_tokens.stored();
+        let table = self.embed_tokens.get_stored()?;
         let ids = input_ids
             .to_device(table.device())?
             .to_dtype(DType::U32)?

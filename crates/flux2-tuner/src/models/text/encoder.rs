@@ -4,6 +4,7 @@
 //! `j * hidden + d` for the `j`-th layer).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
@@ -127,8 +128,10 @@ impl TextEncoder {
         let checked = TextEncoderCheckpoint::open(path, kind)?;
         let tokenizer_path = locate_tokenizer(path, options.tokenizer.as_deref())?;
         let tokenizer = PromptTokenizer::load(&tokenizer_path, kind)?;
+        // Shared with weights read from the file on use (layer streaming).
+        let checkpoint = Arc::new(checked.checkpoint);
         let model = DecoderStack::load(
-            &checked.checkpoint,
+            &checkpoint,
             &checked.layout,
             &checked.config,
             &options.layers,

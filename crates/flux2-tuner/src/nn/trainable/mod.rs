@@ -27,7 +27,9 @@
 //! kernels where they exist) on detached copies of its inputs, run the same way by `cpu_fwd` and
 //! `cuda_fwd`; the backward is tensor operations too. So the ops also run on CUDA (attention in
 //! f32, not fused) until dedicated kernels replace them; only the CPU path is tested here.
-//! `frozen_linear`'s forward is the backend matmul itself (gemm / cuBLAS).
+//! `frozen_linear`'s forward is the backend matmul itself (gemm / cuBLAS). On the CPU, attention's
+//! row-wise steps (softmax with logsumexp, the recomputed probabilities, the score gradient) run as
+//! fused, threaded loops (`softmax_rows`).
 //!
 //! Frozen arguments (`rms_norm`'s scale, the RoPE tables, `frozen_linear`'s weight) are detached:
 //! returning no gradient for an argument that candle tracks would make its backward panic.

@@ -1,0 +1,565 @@
+//! `flux2-tuner train`: Musubi's `flux_2_train_network.py` with its flag names. Every Musubi
+//! training flag is either implemented or refused with the reason (none is silently ignored).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use flux2_tuner::models::ModelVersion;
+use flux2_tuner::train::metadata::RunDescription;
+use flux2_tuner::train::network::NetworkConfig;
+use flux2_tuner::train::timesteps::{TimestepConfig, TimestepSampling, WeightingScheme};
+use flux2_tuner::train::trainer::{recommended_sampling, train, TrainObserver, TrainOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::device::parse_device;
+
+/// Arguments of `train` (Musubi's names).
+#[derive(Debug, clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct TrainArgs {
+    /// FLUX.2 version of the DiT: dev, klein-4b, klein-base-4b, klein-9b, klein-base-9b.
+    #[arg(long, default_value = "dev")]
+    pub model_version: String,
+    /// DiT file (BFL format) to train a LoRA for.
+    #[arg(long)]
+    pub dit: Option<PathBuf>,
+    /// AE file (for sample images during training; recorded in the metadata).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// Text encoder (for sample prompts).
+    #[arg(long)]
+    pub text_encoder: Option<PathBuf>,
+    /// Dataset TOML (Musubi's format); run cache-latents and cache-text-encoder-outputs first.
+    #[arg(long)]
+    pub dataset_config: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Output file base name.
+    #[arg(long, default_value = "lora")]
+    pub output_name: String,
+    /// Must be networks.lora_flux_2 (accepted for compatibility).
+    #[arg(long)]
+    pub network_module: Option<String>,
+    /// LoRA rank.
+    #[arg(long)]
+    pub network_dim: Option<usize>,
+    /// LoRA alpha (scale = alpha / rank; 0 means alpha = rank).
+    #[arg(long, default_value_t = 1.0)]
+    pub network_alpha: f64,
+    /// Dropout on the LoRA down-projection outputs.
+    #[arg(long)]
+    pub network_dropout: Option<f64>,
+    /// key=value network options: rank_dropout, module_dropout, include_patterns,
+    /// exclude_patterns, loraplus_lr_ratio.
+    #[arg(long, num_args = 1..)]
+    pub network_args: Vec<String>,
+    /// Continue from this LoRA file.
+    #[arg(long)]
+    pub network_weights: Option<PathBuf>,
+    /// Optimizer: AdamW.
+    #[arg(long, default_value = "AdamW")]
+    pub optimizer_type: String,
+    /// key=value optimizer options (weight_decay, eps, betas=(0.9,0.999)).
+    #[arg(long, num_args = 1..)]
+    pub optimizer_args: Vec<String>,
+    #[arg(long, default_value_t = 2e-6)]
+    pub learning_rate: f64,
+    /// constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial,
+    /// cosine_with_min_lr.
+    #[arg(long, default_value = "constant")]
+    pub lr_scheduler: String,
+    /// Warmup: steps, a ratio below 1, or N%.
+    #[arg(long, default_value = "0")]
+    pub lr_warmup_steps: String,
+    #[arg(long, default_value_t = 1)]
+    pub lr_scheduler_num_cycles: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub lr_scheduler_power: f64,
+    #[arg(long)]
+    pub lr_scheduler_min_lr_ratio: Option<f64>,
+    #[arg(long, default_value_t = 1600)]
+    pub max_train_steps: usize,
+    /// Overrides --max_train_steps.
+    #[arg(long)]
+    pub max_train_epochs: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    /// Gradient clipping (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Seed of initialisation, noise, timesteps and data order (default 42).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// bf16 (default) or no (f32).
+    #[arg(long, default_value = "bf16")]
+    pub mixed_precision: String,
+    /// Recompute each block in the backward instead of keeping its activations.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Save every N epochs.
+    #[arg(long)]
+    pub save_every_n_epochs: Option<usize>,
+    /// Save every N steps.
+    #[arg(long)]
+    pub save_every_n_steps: Option<usize>,
+    /// Also save a resumable state folder (`NAME-state/`) with each save.
+    #[arg(long)]
+    pub save_state: bool,
+    /// Resume from a state folder: continues at the same step, epoch, batch, optimizer and
+    /// random state.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// LoRA file dtype: fp32 (default), float, bf16, fp16.
+    #[arg(long, default_value = "fp32")]
+    pub save_precision: String,
+    /// sigma (Musubi's default), uniform, sigmoid, shift, flux_shift, flux2_shift (recommended),
+    /// qwen_shift, krea2_shift, ideogram4_shift, logsnr, qinglong_flux, qinglong_qwen.
+    #[arg(long, default_value = "sigma")]
+    pub timestep_sampling: String,
+    #[arg(long, default_value_t = 1.0)]
+    pub discrete_flow_shift: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub sigmoid_scale: f64,
+    /// none, logit_normal, mode, cosmap, sigma_sqrt.
+    #[arg(long, default_value = "none")]
+    pub weighting_scheme: String,
+    #[arg(long, default_value_t = 0.0)]
+    pub logit_mean: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub logit_std: f64,
+    #[arg(long, default_value_t = 1.29)]
+    pub mode_scale: f64,
+    #[arg(long)]
+    pub min_timestep: Option<f64>,
+    #[arg(long)]
+    pub max_timestep: Option<f64>,
+    #[arg(long)]
+    pub preserve_distribution_shape: bool,
+    /// Stratified timesteps: equal draws from N sub-intervals per epoch.
+    #[arg(long)]
+    pub num_timestep_buckets: Option<usize>,
+    /// Metadata only for FLUX.2 (training uses guidance 1.0, as Musubi).
+    #[arg(long, default_value_t = 1.0)]
+    pub guidance_scale: f64,
+    /// cpu or cuda.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Minimum metadata only.
+    #[arg(long)]
+    pub no_metadata: bool,
+    #[arg(long)]
+    pub training_comment: Option<String>,
+    #[arg(long)]
+    pub metadata_title: Option<String>,
+    #[arg(long)]
+    pub metadata_author: Option<String>,
+    #[arg(long)]
+    pub metadata_description: Option<String>,
+    #[arg(long)]
+    pub metadata_license: Option<String>,
+    #[arg(long)]
+    pub metadata_tags: Option<String>,
+    #[arg(long)]
+    pub metadata_reso: Option<String>,
+    #[arg(long)]
+    pub metadata_arch: Option<String>,
+    /// Accepted for Musubi compatibility: attention is the built-in kernel.
+    #[arg(long)]
+    pub sdpa: bool,
+    /// Accepted for Musubi compatibility: attention is the built-in kernel.
+    #[arg(long)]
+    pub flash_attn: bool,
+    /// Refused: not available.
+    #[arg(long)]
+    pub xformers: bool,
+    /// Refused: not available.
+    #[arg(long)]
+    pub sage_attn: bool,
+    /// Refused: not available.
+    #[arg(long)]
+    pub flash3: bool,
+    /// Accepted: attention always handles the batch at once.
+    #[arg(long)]
+    pub split_attn: bool,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub fp8_base: bool,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub fp8_scaled: bool,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub fp8_text_encoder: bool,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub blocks_to_swap: Option<usize>,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub gradient_checkpointing_cpu_offload: bool,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub sample_prompts: Option<PathBuf>,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub sample_every_n_steps: Option<usize>,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub sample_every_n_epochs: Option<usize>,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub sample_at_first: bool,
+    /// Write TensorBoard event files (loss, average loss, lr, timestep histogram) and a JSONL log
+    /// of every step here.
+    #[arg(long)]
+    pub logging_dir: Option<PathBuf>,
+    /// tensorboard (the only tracker available offline).
+    #[arg(long)]
+    pub log_with: Option<String>,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub save_last_n_epochs: Option<usize>,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub save_last_n_steps: Option<usize>,
+    /// Not implemented yet (refused).
+    #[arg(long)]
+    pub scale_weight_norms: Option<f64>,
+    /// Not implemented yet (refused).
+    #[arg(long, num_args = 1..)]
+    pub base_weights: Vec<PathBuf>,
+    /// torch.compile does not exist here (refused).
+    #[arg(long)]
+    pub compile: bool,
+}
+
+fn refuse_unsupported(args: &TrainArgs) -> Result<()> {
+    if let Some(tracker) = &args.log_with {
+        if tracker != "tensorboard" {
+            bail!("--log_with {tracker}: only tensorboard is available (wandb needs the network)");
+        }
+        if args.logging_dir.is_none() {
+            bail!("--log_with tensorboard needs --logging_dir");
+        }
+    }
+    let refused: [(&str, bool, &str); 18] = [
+        (
+            "--xformers",
+            args.xformers,
+            "not available; attention is the built-in kernel",
+        ),
+        (
+            "--sage_attn",
+            args.sage_attn,
+            "not available for training (as Musubi)",
+        ),
+        (
+            "--flash3",
+            args.flash3,
+            "not supported for FLUX.2 (as Musubi)",
+        ),
+        (
+            "--compile",
+            args.compile,
+            "torch.compile does not exist in this program",
+        ),
+        (
+            "--fp8_base",
+            args.fp8_base,
+            "fp8 base weights for training are not implemented yet",
+        ),
+        (
+            "--fp8_scaled",
+            args.fp8_scaled,
+            "fp8 base weights for training are not implemented yet",
+        ),
+        (
+            "--fp8_text_encoder",
+            args.fp8_text_encoder,
+            "sampling during training is not implemented yet",
+        ),
+        (
+            "--blocks_to_swap",
+            args.blocks_to_swap.is_some_and(|n| n > 0),
+            "block swap is not implemented yet",
+        ),
+        (
+            "--gradient_checkpointing_cpu_offload",
+            args.gradient_checkpointing_cpu_offload,
+            "not implemented yet",
+        ),
+        (
+            "--sample_prompts",
+            args.sample_prompts.is_some(),
+            "sampling during training is not implemented yet",
+        ),
+        (
+            "--sample_every_n_steps",
+            args.sample_every_n_steps.is_some(),
+            "sampling during training is not implemented yet",
+        ),
+        (
+            "--sample_every_n_epochs",
+            args.sample_every_n_epochs.is_some(),
+            "sampling during training is not implemented yet",
+        ),
+        (
+            "--sample_at_first",
+            args.sample_at_first,
+            "sampling during training is not implemented yet",
+        ),
+        (
+            "--config_file",
+            args.config_file.is_some(),
+            "config files are not implemented yet; pass the flags",
+        ),
+        (
+            "--save_last_n_epochs",
+            args.save_last_n_epochs.is_some(),
+            "not implemented yet",
+        ),
+        (
+            "--save_last_n_steps",
+            args.save_last_n_steps.is_some(),
+            "not implemented yet",
+        ),
+        (
+            "--scale_weight_norms",
+            args.scale_weight_norms.is_some(),
+            "not implemented yet",
+        ),
+        (
+            "--base_weights",
+            !args.base_weights.is_empty(),
+            "not implemented yet",
+        ),
+    ];
+    for (flag, given, why) in refused {
+        if given {
+            bail!("{flag}: {why}");
+        }
+    }
+    if let Some(module) = &args.network_module {
+        if module != "networks.lora_flux_2" {
+            bail!(
+                "--network_module {module}: only networks.lora_flux_2 (LoRA) can be trained here"
+            );
+        }
+    }
+    let dropout_given = args.network_dropout.is_some()
+        || args
+            .network_args
+            .iter()
+            .any(|a| a.starts_with("rank_dropout") || a.starts_with("module_dropout"));
+    if dropout_given {
+        bail!("--network_dropout / rank_dropout / module_dropout: LoRA dropout is not implemented yet");
+    }
+    Ok(())
+}
+
+fn save_precision(value: &str) -> Result<DType> {
+    Ok(match value {
+        "fp32" | "float" => DType::F32,
+        "bf16" => DType::BF16,
+        "fp16" => DType::F16,
+        other => bail!("--save_precision: `{other}` is not one of fp32, float, bf16, fp16"),
+    })
+}
+
+fn required<'a>(value: &'a Option<PathBuf>, flag: &str) -> Result<&'a PathBuf> {
+    value
+        .as_ref()
+        .with_context(|| format!("{flag} is required"))
+}
+
+fn base_name(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "None".into())
+}
+
+/// Builds the library options from the flags (validating each).
+pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
+    refuse_unsupported(args)?;
+    let version: ModelVersion = args.model_version.parse()?;
+    let dit = required(&args.dit, "--dit")?.clone();
+    let dataset_config = required(&args.dataset_config, "--dataset_config")?.clone();
+    let output_dir = required(&args.output_dir, "--output_dir")?.clone();
+    let sampling = TimestepSampling::parse(&args.timestep_sampling)?;
+    if !recommended_sampling(sampling) {
+        eprintln!(
+            "warning: --timestep_sampling {} assumes unpacked FLUX.1 latents and uses a quarter of the \
+             token count on FLUX.2; flux2_shift is the FLUX.2 equivalent",
+            args.timestep_sampling
+        );
+    }
+    let dit_dtype = match args.mixed_precision.as_str() {
+        "bf16" => DType::BF16,
+        "no" => DType::F32,
+        "fp16" => bail!("--mixed_precision fp16: FLUX.2 trains in bf16 or f32 (no)"),
+        other => bail!("--mixed_precision: `{other}` is not one of bf16, no"),
+    };
+    let mut network = NetworkConfig {
+        dim: args.network_dim.unwrap_or(4),
+        alpha: args.network_alpha,
+        ..NetworkConfig::default()
+    };
+    network.apply_args(&args.network_args)?;
+    let seed = args.seed.unwrap_or(42);
+    let timesteps = TimestepConfig {
+        sampling,
+        sigmoid_scale: args.sigmoid_scale,
+        discrete_flow_shift: args.discrete_flow_shift,
+        weighting_scheme: WeightingScheme::parse(&args.weighting_scheme)?,
+        logit_mean: args.logit_mean,
+        logit_std: args.logit_std,
+        mode_scale: args.mode_scale,
+        min_timestep: args.min_timestep,
+        max_timestep: args.max_timestep,
+        preserve_distribution_shape: args.preserve_distribution_shape,
+    };
+    let run = RunDescription {
+        output_name: args.output_name.clone(),
+        seed,
+        training_comment: args.training_comment.clone(),
+        learning_rate: args.learning_rate,
+        lr_scheduler: args.lr_scheduler.clone(),
+        gradient_checkpointing: args.gradient_checkpointing,
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
+        mixed_precision: args.mixed_precision.clone(),
+        network_dim: network.dim,
+        network_alpha: args.network_alpha,
+        network_dropout: args.network_dropout,
+        network_args: args.network_args.clone(),
+        max_grad_norm: args.max_grad_norm,
+        timestep_sampling: args.timestep_sampling.clone(),
+        weighting_scheme: args.weighting_scheme.clone(),
+        sigmoid_scale: args.sigmoid_scale,
+        discrete_flow_shift: args.discrete_flow_shift,
+        logit_mean: args.logit_mean,
+        logit_std: args.logit_std,
+        mode_scale: args.mode_scale,
+        datasets_json: format!(
+            "[{{\"dataset_config\": {:?}}}]",
+            base_name(&args.dataset_config)
+        ),
+        dit_name: base_name(&args.dit),
+        vae_name: base_name(&args.vae),
+        started_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+        no_metadata: args.no_metadata,
+        title: args.metadata_title.clone(),
+        author: args.metadata_author.clone(),
+        description: args.metadata_description.clone(),
+        license: args.metadata_license.clone(),
+        tags: args.metadata_tags.clone(),
+        resolution: args.metadata_reso.clone(),
+        architecture: args.metadata_arch.clone(),
+        min_timestep: args.min_timestep,
+        max_timestep: args.max_timestep,
+        ..RunDescription::default()
+    };
+    Ok(TrainOptions {
+        version,
+        dit,
+        vae: args.vae.clone(),
+        dataset_config,
+        output_dir,
+        output_name: args.output_name.clone(),
+        device: parse_device(args.device.as_deref())?,
+        dit_dtype,
+        network,
+        network_args: args.network_args.clone(),
+        network_weights: args.network_weights.clone(),
+        timesteps,
+        num_timestep_buckets: args.num_timestep_buckets,
+        optimizer_type: args.optimizer_type.clone(),
+        optimizer_args: args.optimizer_args.clone(),
+        learning_rate: args.learning_rate,
+        lr_scheduler: args.lr_scheduler.clone(),
+        lr_warmup_steps: args.lr_warmup_steps.clone(),
+        lr_scheduler_num_cycles: args.lr_scheduler_num_cycles,
+        lr_scheduler_power: args.lr_scheduler_power,
+        lr_scheduler_min_lr_ratio: args.lr_scheduler_min_lr_ratio,
+        max_train_steps: args.max_train_steps,
+        max_train_epochs: args.max_train_epochs,
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
+        max_grad_norm: args.max_grad_norm,
+        seed,
+        gradient_checkpointing: args.gradient_checkpointing,
+        save_every_n_epochs: args.save_every_n_epochs,
+        save_every_n_steps: args.save_every_n_steps,
+        save_state: args.save_state,
+        resume: args.resume.clone(),
+        save_precision: save_precision(&args.save_precision)?,
+        guidance: 1.0,
+        logging_dir: args.logging_dir.clone(),
+        run,
+    })
+}
+
+/// A progress bar with loss, learning rate, s/it and ETA.
+struct TrainProgress {
+    bar: Option<ProgressBar>,
+    started: Instant,
+}
+
+impl TrainObserver for TrainProgress {
+    fn start(&mut self, total_steps: usize, first_step: usize, epochs: usize) {
+        eprintln!("training {total_steps} steps over {epochs} epoch(s)");
+        let bar = ProgressBar::new(total_steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template("steps {pos}/{len} [{bar:30}] {msg} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(first_step as u64);
+        self.bar = Some(bar);
+        self.started = Instant::now();
+    }
+
+    fn step(&mut self, step: usize, loss: f64, average_loss: f64, lr: f64) {
+        if let Some(bar) = &self.bar {
+            let per_step = self.started.elapsed().as_secs_f64() / (step as f64).max(1.0);
+            bar.set_message(format!(
+                "loss {loss:.4} avg {average_loss:.4} lr {lr:.2e} {per_step:.2} s/it"
+            ));
+            bar.set_position(step as u64);
+        }
+    }
+
+    fn saved(&mut self, path: &Path) {
+        match &self.bar {
+            Some(bar) => bar.println(format!("saved {}", path.display())),
+            None => eprintln!("saved {}", path.display()),
+        }
+    }
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let options = options(args)?;
+    let mut progress = TrainProgress {
+        bar: None,
+        started: Instant::now(),
+    };
+    let summary = train(&options, &mut progress)?;
+    if let Some(bar) = progress.bar.take() {
+        bar.finish_and_clear();
+    }
+    let seconds = progress.started.elapsed().as_secs_f64();
+    let last = summary.losses.last().copied().unwrap_or(f64::NAN);
+    println!(
+        "trained {} steps in {seconds:.1} s ({:.3} s/step), final loss {last:.5}, LoRA saved to {}",
+        summary.steps,
+        seconds / summary.steps.max(1) as f64,
+        summary.output.display()
+    );
+    Ok(())
+}

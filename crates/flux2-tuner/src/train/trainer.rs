@@ -1,0 +1,472 @@
+//! The training loop, top to bottom (Musubi `_run_training_loop`): read the caches, load the DiT
+//! and build the LoRA, then for every batch sample noise and timesteps, run forward and backward,
+//! accumulate, clip, step the optimiser and the schedule, and save on the configured cadence.
+//! A state saved with `--save_state` resumes at the same step, epoch, batch, optimiser state and
+//! random state, so a resumed run reproduces the uninterrupted one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::{save_safetensors, write_atomically, Checkpoint};
+use crate::data::config::{ConfigFallbacks, DatasetConfig};
+use crate::data::reader::CachedDataset;
+use crate::error::{Error, Result};
+use crate::models::dit::Flux2Dit;
+use crate::models::ModelVersion;
+use crate::train::data::{batches_per_epoch, epoch_batches, load_batch};
+use crate::train::log::{SummaryValue, TrainingLog};
+use crate::train::lr_schedule::LrSchedule;
+use crate::train::metadata::{build_metadata, RunDescription};
+use crate::train::network::{LoraNetwork, NetworkConfig};
+use crate::train::optim::{adamw_from_args, clip_grad_norm, Optimizer};
+use crate::train::step::{training_step, StepBatch};
+use crate::train::timesteps::{
+    sample_timesteps, stratified_uniforms, TimestepConfig, TimestepSampling,
+};
+use crate::util::rng::SeededRng;
+
+/// Everything a training run needs (the CLI fills it from Musubi's flags).
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub version: ModelVersion,
+    pub dit: PathBuf,
+    pub vae: Option<PathBuf>,
+    pub dataset_config: PathBuf,
+    pub output_dir: PathBuf,
+    pub output_name: String,
+    pub device: Device,
+    /// bf16 (`--mixed_precision bf16`) or f32 (`no`).
+    pub dit_dtype: DType,
+    pub network: NetworkConfig,
+    pub network_args: Vec<String>,
+    pub network_weights: Option<PathBuf>,
+    pub timesteps: TimestepConfig,
+    pub num_timestep_buckets: Option<usize>,
+    pub optimizer_type: String,
+    pub optimizer_args: Vec<String>,
+    pub learning_rate: f64,
+    pub lr_scheduler: String,
+    pub lr_warmup_steps: String,
+    pub lr_scheduler_num_cycles: usize,
+    pub lr_scheduler_power: f64,
+    pub lr_scheduler_min_lr_ratio: Option<f64>,
+    pub max_train_steps: usize,
+    pub max_train_epochs: Option<usize>,
+    pub gradient_accumulation_steps: usize,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub gradient_checkpointing: bool,
+    pub save_every_n_epochs: Option<usize>,
+    pub save_every_n_steps: Option<usize>,
+    pub save_state: bool,
+    pub resume: Option<PathBuf>,
+    pub save_precision: DType,
+    /// Guidance input of guidance-embedded models (Musubi fixes it at 1.0).
+    pub guidance: f64,
+    /// TensorBoard events and a JSONL log go here.
+    pub logging_dir: Option<PathBuf>,
+    pub run: RunDescription,
+}
+
+/// Progress reports.
+pub trait TrainObserver {
+    fn start(&mut self, _total_steps: usize, _first_step: usize, _epochs: usize) {}
+    fn step(&mut self, _step: usize, _loss: f64, _average_loss: f64, _lr: f64) {}
+    fn epoch(&mut self, _epoch: usize, _epochs: usize) {}
+    fn saved(&mut self, _path: &Path) {}
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub losses: Vec<f64>,
+    pub output: PathBuf,
+}
+
+/// Position and random state of a run, saved with `--save_state`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct RunState {
+    global_step: usize,
+    epoch: usize,
+    /// Batches of `epoch` already consumed.
+    batch_in_epoch: usize,
+    rng_state: u64,
+    rng_spare: Option<f64>,
+    losses: Vec<f64>,
+}
+
+/// Runs training and returns the losses of every optimiser step.
+pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
+    let architecture = options.version.info().cache_architecture;
+    let config = DatasetConfig::load(&options.dataset_config, &ConfigFallbacks::default())?;
+    let datasets = CachedDataset::read_all(&config, architecture)?;
+    let items: usize = datasets.iter().map(CachedDataset::len).sum();
+    if items == 0 {
+        return Err(Error::InvalidArgument {
+            name: "--dataset_config".into(),
+            message: format!(
+                "{}: no cached items for {architecture}; run cache-latents and cache-text-encoder-outputs first",
+                options.dataset_config.display()
+            ),
+        });
+    }
+    let accumulation = options.gradient_accumulation_steps.max(1);
+    let batches = batches_per_epoch(&datasets);
+    let steps_per_epoch = batches.div_ceil(accumulation).max(1);
+    let total_steps = match options.max_train_epochs {
+        Some(epochs) => epochs * steps_per_epoch,
+        None => options.max_train_steps,
+    };
+    let epochs = total_steps.div_ceil(steps_per_epoch);
+    let warmup = crate::train::lr_schedule::parse_steps(
+        &options.lr_warmup_steps,
+        total_steps,
+        "--lr_warmup_steps",
+    )?;
+    let schedule = LrSchedule::from_flags(
+        &options.lr_scheduler,
+        warmup,
+        options.lr_scheduler_num_cycles,
+        options.lr_scheduler_power,
+        options.lr_scheduler_min_lr_ratio,
+    )?;
+
+    let checkpoint = Checkpoint::open(&options.dit)?;
+    let mut dit = Flux2Dit::load(
+        &checkpoint,
+        Some(options.version),
+        options.dit_dtype,
+        &options.device,
+    )?;
+    let mut init_rng = SeededRng::new(options.seed);
+    let mut network = LoraNetwork::new(
+        &dit.config,
+        options.network.clone(),
+        &mut init_rng,
+        &options.device,
+    )?;
+    if let Some(weights) = &options.network_weights {
+        network.load_weights(weights)?;
+    }
+    let parameters_with_factors = network.parameters();
+    let parameters: Vec<_> = parameters_with_factors
+        .iter()
+        .map(|(p, _)| p.clone())
+        .collect();
+    let mut optimizer: Box<dyn Optimizer> = match options.optimizer_type.to_lowercase().as_str() {
+        "adamw" | "" => Box::new(adamw_from_args(
+            parameters_with_factors,
+            &options.optimizer_args,
+        )?),
+        other => {
+            return Err(Error::InvalidArgument {
+                name: "--optimizer_type".into(),
+                message: format!("`{other}` is not implemented; use AdamW"),
+            })
+        }
+    };
+
+    let mut state = RunState {
+        global_step: 0,
+        epoch: 1,
+        batch_in_epoch: 0,
+        rng_state: SeededRng::new(options.seed ^ 0x5DEE_CE66_D1CE_4E5B)
+            .state()
+            .0,
+        rng_spare: None,
+        losses: Vec::new(),
+    };
+    if let Some(resume) = &options.resume {
+        state = load_state(resume, &network, optimizer.as_mut())?;
+    }
+    let mut rng = SeededRng::from_state(state.rng_state, state.rng_spare);
+    network.attach(&mut dit, 1.0)?;
+
+    let mut run = options.run.clone();
+    run.num_train_items = items;
+    run.num_batches_per_epoch = batches;
+    run.num_epochs = epochs;
+    run.max_train_steps = total_steps;
+    run.lr_warmup_steps = warmup;
+    run.optimizer = optimizer.describe();
+
+    let mut log = match &options.logging_dir {
+        Some(directory) => Some(TrainingLog::create(directory, &options.output_name)?),
+        None => None,
+    };
+    let mut step_timesteps: Vec<f64> = Vec::new();
+    observer.start(total_steps, state.global_step, epochs);
+    let mut pending: Option<Vec<Tensor>> = None;
+    let mut pending_losses = Vec::new();
+    let mut last_save: Option<PathBuf> = None;
+    'epochs: while state.epoch <= epochs && state.global_step < total_steps {
+        observer.epoch(state.epoch, epochs);
+        let epoch_batches = epoch_batches(&datasets, options.seed, state.epoch);
+        let samples: usize = epoch_batches.iter().map(Vec::len).sum();
+        let strata = options.num_timestep_buckets.filter(|n| *n >= 2).map(|n| {
+            let mut strata_rng = SeededRng::new(
+                options
+                    .seed
+                    .wrapping_mul(31)
+                    .wrapping_add(state.epoch as u64),
+            );
+            stratified_uniforms(samples, n, &mut strata_rng)
+        });
+        let mut sample_offset: usize = epoch_batches[..state.batch_in_epoch]
+            .iter()
+            .map(Vec::len)
+            .sum();
+        for index in state.batch_in_epoch..epoch_batches.len() {
+            let items = &epoch_batches[index];
+            let batch = load_batch(items, &options.device)?;
+            let (batch_size, _, height, width) = batch.latents.dims4()?;
+            let noise = Tensor::from_vec(
+                rng.normal_vec(batch.latents.elem_count()),
+                batch.latents.dims(),
+                &options.device,
+            )?;
+            let buckets = strata
+                .as_ref()
+                .map(|s| &s[sample_offset..sample_offset + batch_size]);
+            sample_offset += batch_size;
+            let sampled = sample_timesteps(
+                &options.timesteps,
+                batch_size,
+                height,
+                width,
+                &mut rng,
+                buckets,
+            );
+            step_timesteps.extend(&sampled.sigmas);
+            let weights: Vec<f64> = sampled
+                .sigmas
+                .iter()
+                .map(|s| options.timesteps.weighting_scheme.loss_weight(*s))
+                .collect();
+            let result = training_step(
+                &dit,
+                &StepBatch {
+                    latents: &batch.latents,
+                    noise: &noise,
+                    sigmas: &sampled.sigmas,
+                    model_timesteps: &sampled.model_timesteps,
+                    text: &batch.text,
+                    controls: &batch.controls,
+                    guidance: Some(options.guidance),
+                    weights: &weights,
+                },
+                &parameters,
+                options.gradient_checkpointing,
+            )?;
+            if !result.loss.is_finite() {
+                return Err(Error::InvalidArgument {
+                    name: "training".into(),
+                    message: format!(
+                        "the loss became {} at step {} (epoch {}); stopped. The last good save is {}. \
+                         Lower --learning_rate or check the caches.",
+                        result.loss,
+                        state.global_step + 1,
+                        state.epoch,
+                        last_save.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+                    ),
+                });
+            }
+            pending_losses.push(result.loss as f64);
+            pending = Some(match pending.take() {
+                Some(sum) => sum
+                    .iter()
+                    .zip(&result.gradients)
+                    .map(|(a, b)| Ok((a + b)?))
+                    .collect::<Result<Vec<_>>>()?,
+                None => result.gradients,
+            });
+            state.batch_in_epoch = index + 1;
+            let sync = (index + 1) % accumulation == 0 || index + 1 == epoch_batches.len();
+            if !sync {
+                continue;
+            }
+            let mut gradients = pending
+                .take()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|g| Ok((g / pending_losses.len() as f64)?))
+                .collect::<Result<Vec<_>>>()?;
+            if options.max_grad_norm > 0.0 {
+                clip_grad_norm(&mut gradients, options.max_grad_norm)?;
+            }
+            let lr = options.learning_rate * schedule.factor(state.global_step, total_steps);
+            optimizer.step(&gradients, lr)?;
+            let loss = pending_losses.iter().sum::<f64>() / pending_losses.len() as f64;
+            pending_losses.clear();
+            state.global_step += 1;
+            state.losses.push(loss);
+            let window = &state.losses[state.losses.len().saturating_sub(steps_per_epoch)..];
+            let average = window.iter().sum::<f64>() / window.len() as f64;
+            observer.step(state.global_step, loss, average, lr);
+            if let Some(log) = &mut log {
+                log.log(
+                    state.global_step,
+                    &[
+                        SummaryValue::Scalar("loss/current", loss as f32),
+                        SummaryValue::Scalar("loss/average", average as f32),
+                        SummaryValue::Scalar("lr/unet", lr as f32),
+                        SummaryValue::Histogram("timesteps", &step_timesteps),
+                    ],
+                )?;
+            }
+            step_timesteps.clear();
+            let (saved_rng, spare) = rng.state();
+            state.rng_state = saved_rng;
+            state.rng_spare = spare;
+            if options
+                .save_every_n_steps
+                .is_some_and(|n| n > 0 && state.global_step % n == 0)
+                && state.global_step < total_steps
+            {
+                let name = format!("{}-step{:08}", options.output_name, state.global_step);
+                last_save = Some(save(
+                    options,
+                    &run,
+                    &network,
+                    optimizer.as_ref(),
+                    &state,
+                    &name,
+                    observer,
+                )?);
+            }
+            if state.global_step >= total_steps {
+                break 'epochs;
+            }
+        }
+        if options
+            .save_every_n_epochs
+            .is_some_and(|n| n > 0 && state.epoch % n == 0)
+            && state.epoch < epochs
+        {
+            let name = format!("{}-{:06}", options.output_name, state.epoch);
+            let mut next = state.clone();
+            next.epoch += 1;
+            next.batch_in_epoch = 0;
+            last_save = Some(save(
+                options,
+                &run,
+                &network,
+                optimizer.as_ref(),
+                &next,
+                &name,
+                observer,
+            )?);
+        }
+        state.epoch += 1;
+        state.batch_in_epoch = 0;
+    }
+    let output = save(
+        options,
+        &run,
+        &network,
+        optimizer.as_ref(),
+        &state,
+        &options.output_name,
+        observer,
+    )?;
+    Ok(TrainSummary {
+        steps: state.global_step,
+        losses: state.losses,
+        output,
+    })
+}
+
+/// Writes `{name}.safetensors` (and `{name}-state/` with `--save_state`).
+fn save(
+    options: &TrainOptions,
+    run: &RunDescription,
+    network: &LoraNetwork,
+    optimizer: &dyn Optimizer,
+    state: &RunState,
+    name: &str,
+    observer: &mut dyn TrainObserver,
+) -> Result<PathBuf> {
+    let mut run = run.clone();
+    run.steps = state.global_step;
+    run.epoch = state.epoch;
+    let tensors = network.tensors(options.save_precision)?;
+    let metadata = build_metadata(&run, options.version, &tensors)?;
+    let path = options.output_dir.join(format!("{name}.safetensors"));
+    save_safetensors(&path, &tensors, Some(metadata))?;
+    observer.saved(&path);
+    if options.save_state {
+        let directory = options.output_dir.join(format!("{name}-state"));
+        save_safetensors(
+            &directory.join("lora.safetensors"),
+            &network.tensors(DType::F32)?,
+            None,
+        )?;
+        save_safetensors(
+            &directory.join("optimizer.safetensors"),
+            &optimizer.state()?,
+            None,
+        )?;
+        let json = serde_json::to_string_pretty(state).map_err(|e| Error::Shape(e.to_string()))?;
+        write_atomically(&directory.join("train_state.json"), |w| {
+            std::io::Write::write_all(w, json.as_bytes())
+        })?;
+        observer.saved(&directory);
+    }
+    Ok(path)
+}
+
+/// Restores a state folder written by [`save`].
+fn load_state(
+    directory: &Path,
+    network: &LoraNetwork,
+    optimizer: &mut dyn Optimizer,
+) -> Result<RunState> {
+    let state_file = directory.join("train_state.json");
+    let text = std::fs::read_to_string(&state_file).map_err(|e| {
+        Error::io(
+            &state_file,
+            "cannot read the training state (is --resume a -state folder?)",
+            e,
+        )
+    })?;
+    let state: RunState = serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
+        path: state_file.clone(),
+        message: format!("not a training state: {e}"),
+    })?;
+    let lora = Checkpoint::open(&directory.join("lora.safetensors"))?;
+    for module in &network.modules {
+        let name = crate::lora::musubi_module_name(&module.path);
+        let device = module.down.device().clone();
+        module
+            .down
+            .set(&lora.load(&format!("{name}.lora_down.weight"), DType::F32, &device)?)?;
+        module
+            .up
+            .set(&lora.load(&format!("{name}.lora_up.weight"), DType::F32, &device)?)?;
+    }
+    let optimizer_file = Checkpoint::open(&directory.join("optimizer.safetensors"))?;
+    let mut tensors = HashMap::new();
+    for key in optimizer_file.keys() {
+        let (_, entry) = optimizer_file
+            .entry(key)
+            .ok_or_else(|| Error::Shape(format!("missing {key}")))?;
+        let dtype = entry.dtype.candle().unwrap_or(DType::F32);
+        tensors.insert(
+            key.to_string(),
+            optimizer_file.load(key, dtype, &Device::Cpu)?,
+        );
+    }
+    optimizer.load_state(&tensors)?;
+    Ok(state)
+}
+
+/// Whether a sampling method suits FLUX.2 (for a warning in the CLI).
+pub fn recommended_sampling(sampling: TimestepSampling) -> bool {
+    !matches!(
+        sampling,
+        TimestepSampling::FluxShift | TimestepSampling::QinglongFlux
+    )
+}
