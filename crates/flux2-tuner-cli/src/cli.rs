@@ -17,6 +17,9 @@ pub struct Cli {
 /// The jobs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Check the installation without downloading anything: writes tiny random models and a
+    /// dataset, then caches, trains a few steps and generates, checking every stage.
+    Selftest(crate::selftest::SelftestArgs),
     /// Generate images (text to image, or editing with --control_image_path), as Musubi's
     /// flux_2_generate_image.py.
     Generate(Box<crate::generate::GenerateArgs>),

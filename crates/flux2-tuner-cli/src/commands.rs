@@ -10,6 +10,7 @@ use crate::cli::{Cli, Command, InspectArgs};
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect(&args),
+        Command::Selftest(args) => crate::selftest::run(&args),
         Command::Generate(args) => crate::generate::run(&args),
         Command::Train(args) => crate::train::run(&args),
         Command::CacheLatents(args) => crate::cache_latents::run(&args),

@@ -13,6 +13,7 @@ mod commands;
 mod device;
 mod generate;
 mod progress;
+mod selftest;
 mod train;
 
 fn main() -> ExitCode {

@@ -408,3 +408,17 @@ fn bad_inputs_are_named() {
         &["--include_patterns", "regex"],
     );
 }
+
+/// `selftest` runs every job on tiny random models and reports each stage.
+#[test]
+fn selftest_passes() {
+    let keep = temp_dir("selftest");
+    let output = run(&["selftest", "--keep_dir", &keep.display().to_string()]);
+    let message = text(&output);
+    assert!(output.status.success(), "{message}");
+    assert!(
+        message.contains("selftest passed: 6 of 6 stages"),
+        "{message}"
+    );
+    assert!(keep.join("output/selftest.safetensors").exists());
+}

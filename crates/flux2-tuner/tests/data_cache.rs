@@ -302,8 +302,22 @@ fn skip_existing_reencodes_changed_buckets_and_stale_caches_are_removed() {
     let summary = cache_latents(&config, &latent_options(true), &mut SilentObserver).unwrap();
     assert_eq!((summary.cached, summary.skipped), (0, 5));
 
-    // A stale latent cache and a text cache in the same directory: only the former is touched.
+    // A file cut short under the final name (another program killed while writing, since ours
+    // write to a hidden temporary and rename) is not trusted: it is encoded again, and a
+    // temporary left behind by a killed run is removed.
     let cache = root.join("cache");
+    let cut = cache.join("c_0064x0064_f2k4b.safetensors");
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let leftover = cache.join(".a_0096x0064_f2k4b.safetensors.99999999.tmp");
+    std::fs::write(&leftover, &bytes[..10]).unwrap();
+    let summary = cache_latents(&config, &latent_options(true), &mut SilentObserver).unwrap();
+    assert_eq!((summary.cached, summary.skipped), (1, 4));
+    assert_eq!(keys(&cut)[0].0, "latents_4x4_float32");
+    assert!(!leftover.exists());
+    assert_eq!(summary.removed, std::slice::from_ref(&leftover));
+
+    // A stale latent cache and a text cache in the same directory: only the former is touched.
     let stale = cache.join("gone_0064x0064_f2k4b.safetensors");
     std::fs::copy(cache.join("c_0064x0064_f2k4b.safetensors"), &stale).unwrap();
     let text = cache.join("gone_f2k4b_te.safetensors");

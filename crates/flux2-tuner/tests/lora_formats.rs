@@ -25,17 +25,33 @@ fn musubi_modules(dit: &mut Flux2Dit) -> Vec<(String, Tensor, Tensor, f32)> {
     let mut out = Vec::new();
     for (path, _) in dit.linears_mut() {
         let name = flux2_tuner::lora::musubi_module_name(&path);
-        let Some(_) = lora.entry(&format!("{name}.lora_down.weight")) else { continue };
-        let down = lora.load(&format!("{name}.lora_down.weight"), DType::F32, &device).unwrap();
-        let up = lora.load(&format!("{name}.lora_up.weight"), DType::F32, &device).unwrap();
-        let alpha = lora.load(&format!("{name}.alpha"), DType::F32, &device).unwrap().to_scalar::<f32>().unwrap();
+        let Some(_) = lora.entry(&format!("{name}.lora_down.weight")) else {
+            continue;
+        };
+        let down = lora
+            .load(&format!("{name}.lora_down.weight"), DType::F32, &device)
+            .unwrap();
+        let up = lora
+            .load(&format!("{name}.lora_up.weight"), DType::F32, &device)
+            .unwrap();
+        let alpha = lora
+            .load(&format!("{name}.alpha"), DType::F32, &device)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         out.push((path, down, up, alpha));
     }
     out
 }
 
 fn load_dit() -> Flux2Dit {
-    Flux2Dit::load(&Checkpoint::open(&golden().join("klein/dit.safetensors")).unwrap(), None, DType::F32, &Device::Cpu).unwrap()
+    Flux2Dit::load(
+        &Checkpoint::open(&golden().join("klein/dit.safetensors")).unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn output_with(path: &Path, filter: &KeyFilter) -> Tensor {
@@ -48,10 +64,17 @@ fn output_with(path: &Path, filter: &KeyFilter) -> Tensor {
 
 fn forward(dit: &Flux2Dit) -> Tensor {
     let device = Device::Cpu;
-    let tokens = Tensor::arange(0f32, 8.0 * 128.0, &device).unwrap().reshape((1, 8, 128)).unwrap();
+    let tokens = Tensor::arange(0f32, 8.0 * 128.0, &device)
+        .unwrap()
+        .reshape((1, 8, 128))
+        .unwrap();
     let tokens = (tokens / 500.0).unwrap().sin().unwrap();
     let width = dit.config.context_in_dim;
-    let text = (Tensor::arange(0f32, (5 * width) as f32, &device).unwrap().reshape((1, 5, width)).unwrap() / 77.0)
+    let text = (Tensor::arange(0f32, (5 * width) as f32, &device)
+        .unwrap()
+        .reshape((1, 5, width))
+        .unwrap()
+        / 77.0)
         .unwrap()
         .cos()
         .unwrap();
@@ -67,14 +90,24 @@ fn forward(dit: &Flux2Dit) -> Tensor {
 }
 
 fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
 fn every_format_gives_the_musubi_result() {
     let dir = std::env::temp_dir().join(format!("flux2-lora-formats-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let reference = output_with(&golden().join("klein/lora.safetensors"), &KeyFilter::default());
+    let reference = output_with(
+        &golden().join("klein/lora.safetensors"),
+        &KeyFilter::default(),
+    );
     let base = forward(&load_dit());
     let effect = max_difference(&reference, &base);
     assert!(effect > 1e-3, "the LoRA has no effect");
@@ -90,7 +123,10 @@ fn every_format_gives_the_musubi_result() {
     // LoKr: kron([[1]], w2) with w2 = w2_a w2_b (decomposed, so alpha/rank applies).
     let mut lokr = Vec::new();
     for (path, down, up, alpha) in &modules {
-        comfy.push((format!("diffusion_model.{path}.lora_A.weight"), down.clone()));
+        comfy.push((
+            format!("diffusion_model.{path}.lora_A.weight"),
+            down.clone(),
+        ));
         comfy.push((format!("diffusion_model.{path}.lora_B.weight"), up.clone()));
         comfy.push((format!("diffusion_model.{path}.alpha"), scalar(*alpha)));
         let rank = down.dims()[0] as f64;
@@ -111,20 +147,37 @@ fn every_format_gives_the_musubi_result() {
         let (out, input) = (up.dims()[0], down.dims()[1]);
         loha.push((format!("{musubi}.hada_w1_a"), up.clone()));
         loha.push((format!("{musubi}.hada_w1_b"), down.clone()));
-        loha.push((format!("{musubi}.hada_w2_a"), Tensor::ones((out, 1), DType::F32, &Device::Cpu).unwrap()));
-        loha.push((format!("{musubi}.hada_w2_b"), Tensor::ones((1, input), DType::F32, &Device::Cpu).unwrap()));
+        loha.push((
+            format!("{musubi}.hada_w2_a"),
+            Tensor::ones((out, 1), DType::F32, &Device::Cpu).unwrap(),
+        ));
+        loha.push((
+            format!("{musubi}.hada_w2_b"),
+            Tensor::ones((1, input), DType::F32, &Device::Cpu).unwrap(),
+        ));
         loha.push((format!("{musubi}.alpha"), scalar(*alpha)));
-        lokr.push((format!("{musubi}.lokr_w1"), Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap()));
+        lokr.push((
+            format!("{musubi}.lokr_w1"),
+            Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap(),
+        ));
         lokr.push((format!("{musubi}.lokr_w2_a"), up.clone()));
         lokr.push((format!("{musubi}.lokr_w2_b"), down.clone()));
         lokr.push((format!("{musubi}.alpha"), scalar(*alpha)));
     }
-    for (name, tensors) in [("comfy", comfy), ("peft", peft), ("loha", loha), ("lokr", lokr)] {
+    for (name, tensors) in [
+        ("comfy", comfy),
+        ("peft", peft),
+        ("loha", loha),
+        ("lokr", lokr),
+    ] {
         let path = dir.join(format!("{name}.safetensors"));
         save_safetensors(&path, &tensors, None).unwrap();
         let output = output_with(&path, &KeyFilter::default());
         let error = max_difference(&output, &reference);
-        assert!(error < 1e-5 * effect.max(1.0), "{name}: {error} (effect {effect})");
+        assert!(
+            error < 1e-5 * effect.max(1.0),
+            "{name}: {error} (effect {effect})"
+        );
     }
 
     // Filters: excluding every single block keeps only the double-block modules.

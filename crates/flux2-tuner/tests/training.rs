@@ -97,3 +97,81 @@ fn gradient_checkpointing_gives_the_full_backward_gradients() {
     }
     assert!(worst < 1e-5, "checkpointed gradients differ by {worst}");
 }
+
+/// bf16 training (the default mixed precision) gives f32 LoRA gradients close to the f32 run's.
+#[test]
+fn bf16_training_step_matches_f32() {
+    let dir = std::env::temp_dir().join(format!("flux2-bf16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dit.safetensors");
+    write_random_dit(&config(), &path, 12, DType::BF16).unwrap();
+    let mut rng = SeededRng::new(6);
+    let latents = random(&[1, 128, 2, 2], &mut rng);
+    let noise = random(&[1, 128, 2, 2], &mut rng);
+    let text = random(&[1, 4, 24], &mut rng);
+    let mut results = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        let mut dit =
+            Flux2Dit::load(&Checkpoint::open(&path).unwrap(), None, dtype, &Device::Cpu).unwrap();
+        let network = LoraNetwork::new(
+            &dit.config,
+            NetworkConfig::default(),
+            &mut SeededRng::new(1),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut up_rng = SeededRng::new(2);
+        for module in &network.modules {
+            module
+                .up
+                .set(&(random(module.up.dims(), &mut up_rng) * 0.1).unwrap())
+                .unwrap();
+        }
+        network.attach(&mut dit, 1.0).unwrap();
+        let parameters: Vec<_> = network.parameters().into_iter().map(|(p, _)| p).collect();
+        for checkpointing in [false, true] {
+            let batch = StepBatch {
+                latents: &latents,
+                noise: &noise,
+                sigmas: &[0.5],
+                model_timesteps: &[0.501],
+                text: &text,
+                controls: &[],
+                guidance: Some(1.0),
+                weights: &[1.0],
+            };
+            results.push(training_step(&dit, &batch, &parameters, checkpointing).unwrap());
+        }
+    }
+    let reference = &results[0];
+    for result in &results[1..] {
+        assert!(
+            (result.loss - reference.loss).abs() < 0.05 * reference.loss,
+            "{} vs {}",
+            result.loss,
+            reference.loss
+        );
+        for (a, b) in reference.gradients.iter().zip(&result.gradients) {
+            assert_eq!(b.dtype(), DType::F32);
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let error = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                error <= 0.1 * scale + 1e-6,
+                "bf16 gradient off by {error} of {scale}"
+            );
+        }
+    }
+}

@@ -130,6 +130,51 @@ pub fn list_cache_files(directory: &Path, architecture: &str, text: bool) -> Res
     Ok(files)
 }
 
+/// Temporaries of cache files of `architecture` left by killed runs: `checkpoint::write_atomically`
+/// writes `.{name}.{pid}.tmp` and renames it, so one of another process is half-written garbage
+/// (caching the same directory from two processes at once is not supported).
+pub fn list_leftover_temporaries(
+    directory: &Path,
+    architecture: &str,
+    text: bool,
+) -> Result<Vec<PathBuf>> {
+    if !directory.is_dir() {
+        return Ok(Vec::new());
+    }
+    let suffix = if text {
+        format!("_{architecture}_te.safetensors")
+    } else {
+        format!("_{architecture}.safetensors")
+    };
+    let own = format!(".{}.tmp", std::process::id());
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(directory)
+        .map_err(|e| Error::io(directory, "cannot list the cache directory", e))?
+    {
+        let entry =
+            entry.map_err(|e| Error::io(directory, "cannot list the cache directory", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(inner) = name
+            .strip_prefix('.')
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some((cache_name, pid)) = inner.rsplit_once('.') else {
+            continue;
+        };
+        if cache_name.ends_with(&suffix)
+            && pid.chars().all(|c| c.is_ascii_digit())
+            && !name.ends_with(&own)
+            && entry.path().is_file()
+        {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// NaN to 0 (Musubi `save_latent_cache_common` warns and does the same).
 fn without_nan(tensor: &Tensor) -> Result<Tensor> {
     let is_nan = tensor.ne(tensor)?;

@@ -18,7 +18,7 @@ use image::RgbImage;
 use super::bucket::BucketSelector;
 use super::cache::{
     cache_key_bases, control_key_base, latent_cache_path, latent_key_base, list_cache_files,
-    write_latent_cache,
+    list_leftover_temporaries, write_latent_cache,
 };
 use super::config::{DatasetConfig, DatasetSource, DatasetSpec};
 use super::observer::{CacheObserver, CacheSummary, ItemOutcome};
@@ -287,6 +287,8 @@ pub fn cache_latents(
         let produced = cache_dataset(&ae, spec, items, options, &mut summary, observer)?;
         let existing = list_cache_files(&spec.cache_directory, architecture, false)?;
         summary.clean_stale(observer, &existing, &produced, options.keep_cache)?;
+        let leftovers = list_leftover_temporaries(&spec.cache_directory, architecture, false)?;
+        summary.clean_stale(observer, &leftovers, &produced, false)?;
     }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)

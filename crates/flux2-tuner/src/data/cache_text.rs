@@ -12,7 +12,10 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 
-use super::cache::{list_cache_files, strip_dtype_suffix, text_cache_path, write_text_cache};
+use super::cache::{
+    list_cache_files, list_leftover_temporaries, strip_dtype_suffix, text_cache_path,
+    write_text_cache,
+};
 use super::cache_latents::{check_image_dataset, claim_cache_path};
 use super::config::DatasetConfig;
 use super::observer::{CacheObserver, CacheSummary, ItemOutcome};
@@ -147,6 +150,8 @@ pub fn cache_text_encoder_outputs(
         }
         let existing = list_cache_files(&spec.cache_directory, architecture, true)?;
         summary.clean_stale(observer, &existing, produced, options.keep_cache)?;
+        let leftovers = list_leftover_temporaries(&spec.cache_directory, architecture, true)?;
+        summary.clean_stale(observer, &leftovers, produced, false)?;
     }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)

@@ -39,7 +39,8 @@ pub struct CacheSummary {
     pub failed: usize,
     /// Images that could not be read, with the reason (`skip_bad_images`).
     pub bad_images: Vec<(PathBuf, String)>,
-    /// Caches deleted because no item of their dataset produces them any more.
+    /// Caches deleted because no item of their dataset produces them any more, and half-written
+    /// temporaries left by killed runs.
     pub removed: Vec<PathBuf>,
     /// Such caches kept because of `keep_cache`.
     pub kept: Vec<PathBuf>,

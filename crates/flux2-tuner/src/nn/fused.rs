@@ -534,8 +534,9 @@ mod tests {
     fn bf16_rounding_is_to_nearest_even() {
         for value in [
             1.0f32,
-            1.00390625,
-            1.01171875,
+            // Ties between two bf16 values (rounded to the even one).
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
             -3.3e-5,
             3.395e38,
             f32::INFINITY,

@@ -75,7 +75,8 @@ impl CustomOp1 for RmsNormOp {
     /// With `r = (mean(x^2) + eps)^-1/2`, `n = x r` and `g' = g * scale`:
     /// `dx = r (g' - n mean(g' n))`. The rounding to the input dtype is passed straight through.
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dtype = compute_dtype(x.dtype());
+        let input_dtype = x.dtype();
+        let dtype = compute_dtype(input_dtype);
         let x = x.detach().to_dtype(dtype)?;
         let grad = grad
             .to_dtype(dtype)?
@@ -87,7 +88,8 @@ impl CustomOp1 for RmsNormOp {
         let projection = (&grad * &normalised)?.mean_keepdim(D::Minus1)?;
         let centred = (grad - normalised.broadcast_mul(&projection)?)?;
         let dx = centred.broadcast_mul(&inverse_rms)?;
-        Ok(Some(dx.to_dtype(x.dtype())?))
+        // The gradient of an input has the input's dtype (the shadowed `x` is f32).
+        Ok(Some(dx.to_dtype(input_dtype)?))
     }
 }
 
