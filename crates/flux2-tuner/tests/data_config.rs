@@ -239,9 +239,13 @@ fn missing_directories_are_errors_naming_the_key() {
 ///   and (624, 416) = 1.5. 4000x3000 (1.3333): (592, 432), error 0.037 < 0.048 of (576, 448).
 ///
 /// resolution 1024x1024, bucketing off: always (1024, 1024).
+/// (resolution, enable_bucket, bucket_no_upscale, image size, expected bucket); sizes are
+/// (width, height).
+type BucketRow = ((u32, u32), bool, bool, (u32, u32), (u32, u32));
+
 #[test]
 fn bucket_table_matches_musubis_algorithm() {
-    let table: [((u32, u32), bool, bool, (u32, u32), (u32, u32)); 20] = [
+    let table: [BucketRow; 20] = [
         ((960, 544), true, false, (1920, 1080), (960, 544)),
         ((960, 544), true, false, (1080, 1920), (544, 960)),
         ((960, 544), true, false, (512, 512), (720, 720)),

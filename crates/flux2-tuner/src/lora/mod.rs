@@ -53,6 +53,9 @@ impl KeyFilter {
     }
 }
 
+/// One split q/k/v low-rank part: `(down, up, alpha / rank)`.
+type LowRankPart = (Tensor, Tensor, f64);
+
 /// The raw tensors of one module in a file, by their suffix (`lora_down.weight`, `hada_w1_a`, ...).
 type Parts = BTreeMap<&'static str, Tensor>;
 
@@ -135,7 +138,7 @@ impl LoraFile {
             .collect();
         let resolver = NameResolver::new(&paths);
         // Split q/k/v parts are gathered per fused module before combining.
-        let mut split_parts: BTreeMap<String, [Option<(Tensor, Tensor, f64)>; 3]> = BTreeMap::new();
+        let mut split_parts: BTreeMap<String, [Option<LowRankPart>; 3]> = BTreeMap::new();
         let mut updates = BTreeMap::new();
         for (name, parts) in &modules {
             let target = resolver.resolve(name).ok_or_else(|| {
@@ -344,7 +347,7 @@ fn swap_row_halves(update: ModuleUpdate) -> Result<ModuleUpdate> {
 /// down matrices are stacked and up is block-diagonal (rank = sum of the parts' ranks); each
 /// part's alpha/rank factor is folded into its block. Missing parts contribute nothing.
 fn fuse_split_qkv(
-    parts: &[Option<(Tensor, Tensor, f64)>; 3],
+    parts: &[Option<LowRankPart>; 3],
     part_rows: usize,
     in_features: usize,
     device: &Device,

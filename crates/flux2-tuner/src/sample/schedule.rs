@@ -23,7 +23,7 @@ fn linspace_f32(steps: usize) -> Vec<f32> {
     // for the second half exactly as torch does.
     let n = steps as f32;
     let step = -1.0f32 / n;
-    let half = (steps + 1) / 2;
+    let half = steps.div_ceil(2);
     (0..=steps)
         .map(|i| {
             if i < half {
