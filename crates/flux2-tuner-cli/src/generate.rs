@@ -9,6 +9,7 @@ use flux2_tuner::checkpoint::{save_safetensors, Checkpoint};
 use flux2_tuner::image_io::write_png;
 use flux2_tuner::lora::KeyFilter;
 use flux2_tuner::models::ModelVersion;
+use flux2_tuner::quant::Fp8Mode;
 use flux2_tuner::sample::generate::{
     decode_image, generate, load_dit, preflight, GenerateObserver, GeneratorConfig, LoraSpec,
 };
@@ -113,10 +114,11 @@ pub struct GenerateArgs {
     /// Compute the DiT in float32 instead of bfloat16.
     #[arg(long)]
     pub dit_f32: bool,
-    /// Store the DiT's block linears as F8E4M3 (plain cast).
+    /// Store the DiT's block linears as F8E4M3 (plain cast), dequantised on use.
     #[arg(long)]
     pub fp8: bool,
-    /// Store the DiT's block linears as F8E4M3 with Musubi's block-wise scale.
+    /// Store the DiT's block linears as F8E4M3 with Musubi's block-wise scale (one per 64 input
+    /// values), dequantised on use; more accurate than --fp8.
     #[arg(long)]
     pub fp8_scaled: bool,
     /// Store the text encoder's linears as F8E4M3.
@@ -175,8 +177,8 @@ fn refuse_unsupported(args: &GenerateArgs) -> Result<()> {
     if args.blocks_to_swap > 0 || args.use_pinned_memory_for_block_swap {
         bail!("--blocks_to_swap / --use_pinned_memory_for_block_swap: block swap is not implemented yet");
     }
-    if args.fp8 || args.fp8_scaled {
-        bail!("--fp8 / --fp8_scaled: fp8 DiT weights are not implemented in generate yet");
+    if (args.fp8 || args.fp8_scaled) && args.save_merged_model.is_some() {
+        bail!("--save_merged_model writes the merged model in its original dtype: leave out --fp8 / --fp8_scaled");
     }
     AttentionMode::parse(&args.attn_mode)?;
     Ok(())
@@ -415,6 +417,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         loras: loras.clone(),
         merge_loras: !args.lora_unmerged,
         no_resize_control: args.no_resize_control,
+        // As Musubi: --fp8_scaled wins over --fp8.
+        fp8: if args.fp8_scaled {
+            Fp8Mode::Scaled
+        } else if args.fp8 {
+            Fp8Mode::Plain
+        } else {
+            Fp8Mode::Off
+        },
     };
     if let Some(target) = &args.save_merged_model {
         let mut observer = StepProgress::new();

@@ -422,3 +422,36 @@ fn selftest_passes() {
     );
     assert!(keep.join("output/selftest.safetensors").exists());
 }
+
+/// `--fp8_scaled` and `--fp8` generate images; the fp8 image stays close to the bf16 one.
+#[test]
+fn fp8_generation_runs() {
+    let mut images = Vec::new();
+    for flag in [None, Some("--fp8_scaled"), Some("--fp8")] {
+        let out = temp_dir(&format!(
+            "fp8-{}",
+            flag.unwrap_or("none").trim_start_matches('-')
+        ));
+        let mut args = model_args("klein", "klein-4b", &out);
+        args.extend(["--prompt", "a lake"].map(String::from));
+        if let Some(flag) = flag {
+            args.push(flag.to_string());
+        }
+        let output = run_owned(&args);
+        assert!(output.status.success(), "{}", text(&output));
+        images.push(image::open(&pngs(&out)[0]).unwrap().to_rgb8());
+    }
+    for fp8 in &images[1..] {
+        let mean_difference = images[0]
+            .as_raw()
+            .iter()
+            .zip(fp8.as_raw())
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / fp8.as_raw().len() as f64;
+        assert!(
+            mean_difference < 25.0,
+            "fp8 image differs by {mean_difference} levels on average"
+        );
+    }
+}

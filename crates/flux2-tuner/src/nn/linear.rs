@@ -98,7 +98,10 @@ fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
 
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `[out, in]` in the compute dtype, or F8E4M3 when quantised.
     pub weight: Tensor,
+    /// Musubi's block-wise scales `[out, in / 64, 1]` of an F8E4M3 weight (`--fp8_scaled`).
+    pub weight_scale: Option<Tensor>,
     pub adapters: Vec<LoraAdapter>,
 }
 
@@ -106,8 +109,32 @@ impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Self {
             weight,
+            weight_scale: None,
             adapters: Vec::new(),
         }
+    }
+
+    /// Stores the weight as F8E4M3 (scaled block-wise or plainly cast), dequantised on use.
+    pub fn quantize(&mut self, mode: crate::quant::Fp8Mode) -> Result<()> {
+        if mode == crate::quant::Fp8Mode::Off || self.weight.dtype() == DType::F8E4M3 {
+            return Ok(());
+        }
+        let quantized = crate::quant::quantize(&self.weight, mode)?;
+        self.weight = quantized.values;
+        self.weight_scale = quantized.scale;
+        Ok(())
+    }
+
+    /// The weight in `dtype` (dequantised when stored as F8E4M3).
+    pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
+        if self.weight.dtype() != DType::F8E4M3 {
+            return Ok(self.weight.clone());
+        }
+        crate::quant::Fp8Weight {
+            values: self.weight.clone(),
+            scale: self.weight_scale.clone(),
+        }
+        .dequantize(dtype)
     }
 
     /// Input features.
@@ -130,11 +157,12 @@ impl Linear {
         let x2 = x.reshape((rows, in_features))?;
         let mut y = if crate::nn::grad_mode::enabled() {
             // The base weight is frozen: its gradient is never computed.
-            crate::nn::trainable::frozen_linear(&x2, &self.weight)?
+            crate::nn::trainable::frozen_linear(&x2, &self.dense_weight(x2.dtype())?)?
         } else {
-            match amx_product(&x2, &self.weight)? {
+            let weight = self.dense_weight(x2.dtype())?;
+            match amx_product(&x2, &weight)? {
                 Some(y) => y,
-                None => x2.matmul(&self.weight.t()?)?,
+                None => x2.matmul(&weight.t()?)?,
             }
         };
         for adapter in &self.adapters {
@@ -153,6 +181,10 @@ impl Linear {
     /// Folds every adapter into the weight (computed in f32, stored in the weight's dtype).
     pub fn merge_adapters(&mut self) -> Result<()> {
         if self.adapters.is_empty() {
+            return Ok(());
+        }
+        if self.weight.dtype() == DType::F8E4M3 {
+            // Quantised weights keep their adapters unmerged (merging would need a requantisation).
             return Ok(());
         }
         let dtype = self.weight.dtype();

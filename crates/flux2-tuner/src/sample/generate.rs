@@ -55,6 +55,8 @@ pub struct GeneratorConfig {
     pub merge_loras: bool,
     /// Use control images at their own size instead of capping their area.
     pub no_resize_control: bool,
+    /// F8E4M3 block linears (`--fp8` / `--fp8_scaled`), quantised after the LoRAs are merged.
+    pub fp8: crate::quant::Fp8Mode,
 }
 
 /// Progress reports of a run.
@@ -142,7 +144,21 @@ pub fn preflight(config: &GeneratorConfig, text: bool, ae: bool) -> Result<Vec<(
     let loras = load_loras(config, &dit)?;
     if text {
         let kind = config.version.info().text_encoder;
-        TextEncoderCheckpoint::open(&config.text_encoder, kind)?;
+        let text = TextEncoderCheckpoint::open(&config.text_encoder, kind)?;
+        let layers = config.version.info().text_encoder_layers.len();
+        if layers * text.config.hidden_size != dit.context_in_dim {
+            return Err(Error::WrongModelVersion {
+                path: config.text_encoder.clone(),
+                expected: format!("a text encoder for {}", config.version),
+                reason: format!(
+                    "its hidden size {} gives {}-wide conditioning, but the DiT {} takes {}",
+                    text.config.hidden_size,
+                    layers * text.config.hidden_size,
+                    config.dit.display(),
+                    dit.context_in_dim
+                ),
+            });
+        }
         locate_tokenizer(&config.text_encoder, config.tokenizer.as_deref())?;
     }
     if ae {

@@ -254,6 +254,19 @@ impl Flux2Dit {
         self.finish(&joint, text_length, &prepared.vec)
     }
 
+    /// Stores the block linears as F8E4M3 (Musubi's fp8 targets: never norms, embedders, the
+    /// global modulations or the final layer), dequantised on use. Merge LoRAs first.
+    pub fn quantize_blocks(&mut self, mode: crate::quant::Fp8Mode) -> Result<usize> {
+        let mut count = 0;
+        for (path, linear) in self.linears_mut() {
+            if crate::quant::is_fp8_target(&format!("{path}.weight")) {
+                linear.quantize(mode)?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
     /// Every tensor with its BFL key, for saving the model in the original format (for example after
     /// merging LoRAs). Weights are returned in the model's dtype.
     pub fn state_dict(&mut self) -> Vec<(String, Tensor)> {
