@@ -408,6 +408,7 @@ pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
     let mut network = NetworkConfig {
         dim: args.network_dim.unwrap_or(4),
         alpha: args.network_alpha,
+        dropout: args.network_dropout,
         ..NetworkConfig::default()
     };
     network.apply_args(&args.network_args)?;

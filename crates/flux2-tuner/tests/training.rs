@@ -175,3 +175,111 @@ fn bf16_training_step_matches_f32() {
         }
     }
 }
+
+/// LoRA dropouts act only in training, change the gradients, and are reproducible from the seed.
+#[test]
+fn lora_dropouts_are_seeded_and_training_only() {
+    let dir = std::env::temp_dir().join(format!("flux2-dropout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dit.safetensors");
+    write_random_dit(&config(), &path, 13, DType::F32).unwrap();
+    let mut data_rng = SeededRng::new(8);
+    let latents = random(&[2, 128, 2, 2], &mut data_rng);
+    let noise = random(&[2, 128, 2, 2], &mut data_rng);
+    let text = random(&[2, 4, 24], &mut data_rng);
+    let run = |dropouts: bool| {
+        let mut dit = Flux2Dit::load(
+            &Checkpoint::open(&path).unwrap(),
+            None,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut config = NetworkConfig::default();
+        if dropouts {
+            config.dropout = Some(0.3);
+            config
+                .apply_args(&["rank_dropout=0.3".into(), "module_dropout=0.2".into()])
+                .unwrap();
+        }
+        let network =
+            LoraNetwork::new(&dit.config, config, &mut SeededRng::new(1), &Device::Cpu).unwrap();
+        let mut up_rng = SeededRng::new(2);
+        for module in &network.modules {
+            module
+                .up
+                .set(&(random(module.up.dims(), &mut up_rng) * 0.1).unwrap())
+                .unwrap();
+        }
+        network.attach(&mut dit, 1.0).unwrap();
+        let parameters: Vec<_> = network.parameters().into_iter().map(|(p, _)| p).collect();
+        let batch = StepBatch {
+            latents: &latents,
+            noise: &noise,
+            sigmas: &[0.4, 0.7],
+            model_timesteps: &[0.401, 0.701],
+            text: &text,
+            controls: &[],
+            guidance: Some(1.0),
+            weights: &[1.0, 1.0],
+        };
+        let step = training_step(&dit, &batch, &parameters, false).unwrap();
+        // Inference (no gradient mode) never drops anything.
+        let inference = dit
+            .forward(&flux2_tuner::models::dit::DitInput {
+                image_tokens: &latents
+                    .flatten_from(2)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap(),
+                image_position_ids: &flux2_tuner::models::dit::tokens::image_position_ids(
+                    2,
+                    2,
+                    2,
+                    0,
+                    &Device::Cpu,
+                )
+                .unwrap(),
+                text_embeddings: &text,
+                text_position_ids: &flux2_tuner::models::dit::tokens::text_position_ids(
+                    2,
+                    4,
+                    &Device::Cpu,
+                )
+                .unwrap(),
+                timesteps: &Tensor::new(&[0.5f32, 0.5], &Device::Cpu).unwrap(),
+                guidance: Some(&Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap()),
+            })
+            .unwrap();
+        (step, inference)
+    };
+    let (plain, plain_inference) = run(false);
+    let (first, first_inference) = run(true);
+    let (second, _) = run(true);
+    let difference = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        difference(&plain_inference, &first_inference),
+        0.0,
+        "dropout acted at inference"
+    );
+    let changed = plain
+        .gradients
+        .iter()
+        .zip(&first.gradients)
+        .any(|(a, b)| difference(a, b) > 1e-6);
+    assert!(changed, "dropout changed no gradient");
+    for (a, b) in first.gradients.iter().zip(&second.gradients) {
+        assert_eq!(difference(a, b), 0.0, "the same seed gave other masks");
+    }
+}

@@ -223,6 +223,7 @@ impl LoraFile {
                         down: down.clone(),
                         up: up.clone(),
                         scale: multiplier * factor,
+                        dropout: None,
                     });
                     if merge {
                         linear.merge_adapters()?;

@@ -19,6 +19,8 @@ pub struct LoraAdapter {
     pub up: Tensor,
     /// `multiplier * alpha / rank`.
     pub scale: f64,
+    /// Dropouts applied while training (gradient mode on).
+    pub dropout: Option<std::sync::Arc<crate::nn::lora_dropout::LoraDropout>>,
 }
 
 impl LoraAdapter {
@@ -165,11 +167,27 @@ impl Linear {
                 None => x2.matmul(&weight.t()?)?,
             }
         };
+        let training = crate::nn::grad_mode::enabled();
         for adapter in &self.adapters {
+            let dropout = adapter
+                .dropout
+                .as_ref()
+                .filter(|d| training && d.is_active());
+            if dropout.is_some_and(|d| d.skip_module()) {
+                continue;
+            }
             let xa = x2.to_dtype(adapter.down.dtype())?;
-            let update = xa.matmul(&adapter.down.t()?)?.matmul(&adapter.up.t()?)?;
+            let mut down = xa.matmul(&adapter.down.t()?)?;
+            let mut scale = adapter.scale;
+            if let Some(dropout) = dropout {
+                let batch = if dims.len() > 2 { dims[0] } else { 1 };
+                let (dropped, factor) = dropout.apply(&down, batch)?;
+                down = dropped;
+                scale *= factor;
+            }
+            let update = down.matmul(&adapter.up.t()?)?;
             let dtype = y.dtype();
-            y = (y + (update * adapter.scale)?.to_dtype(dtype)?)?;
+            y = (y + (update * scale)?.to_dtype(dtype)?)?;
         }
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {

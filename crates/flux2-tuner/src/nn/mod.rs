@@ -6,6 +6,7 @@ pub mod fused;
 pub mod grad_mode;
 pub mod host;
 pub mod linear;
+pub mod lora_dropout;
 pub mod norm;
 pub mod rope;
 pub mod softmax;

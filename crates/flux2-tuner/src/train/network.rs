@@ -11,6 +11,7 @@ use crate::checkpoint::{save_safetensors, Checkpoint};
 use crate::error::{Error, Result};
 use crate::lora::musubi_module_name;
 use crate::models::dit::{DitConfig, Flux2Dit};
+use crate::nn::lora_dropout::LoraDropout;
 use crate::nn::LoraAdapter;
 use crate::util::rng::SeededRng;
 
@@ -183,6 +184,8 @@ impl LoraModule {
 pub struct LoraNetwork {
     pub config: NetworkConfig,
     pub modules: Vec<LoraModule>,
+    /// The dropouts of the config with their random source (active only while training).
+    pub dropout: Option<std::sync::Arc<LoraDropout>>,
 }
 
 impl LoraNetwork {
@@ -233,7 +236,24 @@ impl LoraNetwork {
                 message: "the include/exclude patterns leave no module to train".into(),
             });
         }
-        Ok(Self { config, modules })
+        let dropout = if config.dropout.is_some()
+            || config.rank_dropout.is_some()
+            || config.module_dropout.is_some()
+        {
+            Some(std::sync::Arc::new(LoraDropout::new(
+                config.dropout,
+                config.rank_dropout,
+                config.module_dropout,
+                rng.next_u64(),
+            )?))
+        } else {
+            None
+        };
+        Ok(Self {
+            config,
+            modules,
+            dropout,
+        })
     }
 
     /// Loads the values of a Musubi LoRA file into the matching modules (`--network_weights`,
@@ -317,6 +337,7 @@ impl LoraNetwork {
                 down: module.down.as_tensor().clone(),
                 up: module.up.as_tensor().clone(),
                 scale: multiplier * module.scale(),
+                dropout: self.dropout.clone(),
             });
         }
         Ok(())

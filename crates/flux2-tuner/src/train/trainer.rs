@@ -95,6 +95,9 @@ struct RunState {
     batch_in_epoch: usize,
     rng_state: u64,
     rng_spare: Option<f64>,
+    /// State of the LoRA dropout generator, when dropouts are used.
+    #[serde(default)]
+    dropout_rng: Option<(u64, Option<f64>)>,
     losses: Vec<f64>,
 }
 
@@ -177,10 +180,14 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
             .state()
             .0,
         rng_spare: None,
+        dropout_rng: None,
         losses: Vec::new(),
     };
     if let Some(resume) = &options.resume {
         state = load_state(resume, &network, optimizer.as_mut())?;
+        if let (Some(dropout), Some(saved)) = (&network.dropout, state.dropout_rng) {
+            dropout.set_rng_state(saved);
+        }
     }
     let mut rng = SeededRng::from_state(state.rng_state, state.rng_spare);
     network.attach(&mut dit, 1.0)?;
@@ -321,6 +328,7 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
             let (saved_rng, spare) = rng.state();
             state.rng_state = saved_rng;
             state.rng_spare = spare;
+            state.dropout_rng = network.dropout.as_ref().map(|d| d.rng_state());
             if options
                 .save_every_n_steps
                 .is_some_and(|n| n > 0 && state.global_step % n == 0)

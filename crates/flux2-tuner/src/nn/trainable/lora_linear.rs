@@ -85,6 +85,7 @@ mod tests {
             down: lora.lora_down.as_tensor().clone(),
             up: lora.lora_up.as_tensor().clone(),
             scale: 0.5,
+            dropout: None,
         });
         let x = random(&[2, 4, 5], 4, DType::F32)?;
         assert!(relative_difference(&lora.forward(&x)?, &linear.forward(&x)?)? < 1e-6);
