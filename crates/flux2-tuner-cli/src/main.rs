@@ -10,6 +10,7 @@ mod cache_progress;
 mod cache_text;
 mod cli;
 mod commands;
+mod config_file;
 mod device;
 mod generate;
 mod progress;
@@ -17,7 +18,14 @@ mod selftest;
 mod train;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let arguments = match config_file::expand(std::env::args().collect()) {
+        Ok(arguments) => arguments,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = cli::Cli::parse_from(arguments);
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -15,9 +15,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::parse_device;
 
-/// Arguments of `train` (Musubi's names).
+/// Arguments of `train` (Musubi's names). A flag given twice takes its last value, so the
+/// command line overrides `--config_file`.
 #[derive(Debug, clap::Args)]
-#[command(rename_all = "snake_case")]
+#[command(rename_all = "snake_case", args_override_self = true)]
 pub struct TrainArgs {
     /// FLUX.2 version of the DiT: dev, klein-4b, klein-base-4b, klein-9b, klein-base-9b.
     #[arg(long, default_value = "dev")]
@@ -218,15 +219,22 @@ pub struct TrainArgs {
     /// tensorboard (the only tracker available offline).
     #[arg(long)]
     pub log_with: Option<String>,
-    /// Not implemented yet (refused).
+    /// TOML file with the same options as the flags (tables flattened, keys without `--`); flags
+    /// on the command line override it.
     #[arg(long)]
     pub config_file: Option<PathBuf>,
-    /// Not implemented yet (refused).
+    /// Keep only the LoRA files of the last N epochs (older ones are deleted).
     #[arg(long)]
     pub save_last_n_epochs: Option<usize>,
-    /// Not implemented yet (refused).
+    /// Keep only the state folders of the last N epochs.
+    #[arg(long)]
+    pub save_last_n_epochs_state: Option<usize>,
+    /// Keep only the LoRA files of the last N steps (older ones are deleted).
     #[arg(long)]
     pub save_last_n_steps: Option<usize>,
+    /// Keep only the state folders of the last N steps.
+    #[arg(long)]
+    pub save_last_n_steps_state: Option<usize>,
     /// Not implemented yet (refused).
     #[arg(long)]
     pub scale_weight_norms: Option<f64>,
@@ -247,7 +255,7 @@ fn refuse_unsupported(args: &TrainArgs) -> Result<()> {
             bail!("--log_with tensorboard needs --logging_dir");
         }
     }
-    let refused: [(&str, bool, &str); 18] = [
+    let refused: [(&str, bool, &str); 15] = [
         (
             "--xformers",
             args.xformers,
@@ -312,21 +320,6 @@ fn refuse_unsupported(args: &TrainArgs) -> Result<()> {
             "--sample_at_first",
             args.sample_at_first,
             "sampling during training is not implemented yet",
-        ),
-        (
-            "--config_file",
-            args.config_file.is_some(),
-            "config files are not implemented yet; pass the flags",
-        ),
-        (
-            "--save_last_n_epochs",
-            args.save_last_n_epochs.is_some(),
-            "not implemented yet",
-        ),
-        (
-            "--save_last_n_steps",
-            args.save_last_n_steps.is_some(),
-            "not implemented yet",
         ),
         (
             "--scale_weight_norms",
@@ -503,6 +496,11 @@ pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
         save_precision: save_precision(&args.save_precision)?,
         guidance: 1.0,
         logging_dir: args.logging_dir.clone(),
+        save_last_n_epochs: args.save_last_n_epochs,
+        save_last_n_epochs_state: args.save_last_n_epochs_state,
+        save_last_n_steps: args.save_last_n_steps,
+        save_last_n_steps_state: args.save_last_n_steps_state,
+        interrupt: None,
         run,
     })
 }
@@ -545,7 +543,22 @@ impl TrainObserver for TrainProgress {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let options = options(args)?;
+    let mut options = options(args)?;
+    // Ctrl-C / SIGTERM: finish the current step, save the LoRA and a resumable state, then exit.
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupt.clone();
+    let installed = ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // A second Ctrl-C exits at once.
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupted: saving the LoRA and a state after this step (Ctrl-C again to quit now)"
+        );
+    });
+    if installed.is_ok() {
+        options.interrupt = Some(interrupt);
+    }
     let mut progress = TrainProgress {
         bar: None,
         started: Instant::now(),
@@ -556,6 +569,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     let seconds = progress.started.elapsed().as_secs_f64();
     let last = summary.losses.last().copied().unwrap_or(f64::NAN);
+    if summary.interrupted {
+        println!(
+            "interrupted after {} steps; saved {} and its -state folder (continue with --resume)",
+            summary.steps,
+            summary.output.display()
+        );
+        return Ok(());
+    }
     println!(
         "trained {} steps in {seconds:.1} s ({:.3} s/step), final loss {last:.5}, LoRA saved to {}",
         summary.steps,

@@ -455,3 +455,46 @@ fn fp8_generation_runs() {
         );
     }
 }
+
+/// `train --config_file` reads the options from TOML; unknown keys are named; flags override.
+#[test]
+fn train_config_file_is_read_and_overridden() {
+    let out = temp_dir("config-file");
+    let file = out.join("run.toml");
+    let dit = golden().join("klein/dit.safetensors").display().to_string();
+    std::fs::write(
+        &file,
+        format!(
+            "[model]\nmodel_version = \"klein-4b\"\ndit = \"{dit}\"\n[data]\ndataset_config = \"/nonexistent/from-file.toml\"\n\
+             output_dir = \"{}\"\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let output = run(&["train", "--config_file", &file.display().to_string()]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("/nonexistent/from-file.toml"),
+        "{}",
+        text(&output)
+    );
+    let output = run(&[
+        "train",
+        "--config_file",
+        &file.display().to_string(),
+        "--dataset_config",
+        "/nonexistent/from-flag.toml",
+    ]);
+    assert!(
+        text(&output).contains("/nonexistent/from-flag.toml"),
+        "{}",
+        text(&output)
+    );
+    std::fs::write(&file, "learning_rat = 0.1\n").unwrap();
+    let output = run(&["train", "--config_file", &file.display().to_string()]);
+    assert!(
+        !output.status.success() && text(&output).contains("learning_rat"),
+        "{}",
+        text(&output)
+    );
+}

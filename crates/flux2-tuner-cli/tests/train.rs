@@ -165,11 +165,25 @@ fn cache_train_resume_and_generate_agree() {
     );
     run(&cache);
 
-    // 1. An uninterrupted run of 12 steps (saving a state at step 6): the loss falls.
+    // 1. An uninterrupted run of 12 steps (saving every 3 steps): the loss falls.
     let full = dir.join("full");
     let mut full_args = train_args(&config, &full, 12);
-    full_args.extend(strings(&["--save_every_n_steps", "6", "--save_state"]));
+    full_args.extend(strings(&[
+        "--save_every_n_steps",
+        "3",
+        "--save_state",
+        "--save_last_n_steps",
+        "5",
+    ]));
     run(&full_args);
+    // Saves at steps 3, 6 and 9; keeping the last 5 steps' files removed step 3 at step 9, and
+    // state folders (no `--save_last_n_steps_state`) are all kept.
+    assert!(!full.join("e2e-step00000003.safetensors").exists());
+    assert!(
+        full.join("e2e-step00000006.safetensors").exists()
+            && full.join("e2e-step00000009.safetensors").exists()
+    );
+    assert!(full.join("e2e-step00000003-state").is_dir());
     let full_losses = losses(&full.join("logs"));
     assert_eq!(full_losses.len(), 12);
     let first: f32 = full_losses[..4].iter().sum::<f32>() / 4.0;
@@ -192,7 +206,59 @@ fn cache_train_resume_and_generate_agree() {
         );
     }
 
-    // 3. The saved LoRA through generate's loader (merged) equals the trained network's output.
+    // 3. Ctrl-C (SIGINT) saves the LoRA and a resumable state, and exits cleanly.
+    let interrupted = dir.join("interrupted");
+    let mut long_run = train_args(&config, &interrupted, 100_000);
+    long_run.retain(|a| a != "--logging_dir" && !a.ends_with("/logs"));
+    long_run.extend(strings(&["--logging_dir"]));
+    long_run.push(interrupted.join("logs").display().to_string());
+    let child = Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
+        .args(&long_run)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = interrupted.join("logs/e2e.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&log)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(started.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = child.wait_with_output().unwrap();
+    let message = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{message}");
+    assert!(message.contains("interrupted after"), "{message}");
+    let saved: Vec<String> = std::fs::read_dir(&interrupted)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        saved
+            .iter()
+            .any(|n| n.starts_with("e2e-interrupted-step") && n.ends_with(".safetensors")),
+        "{saved:?}"
+    );
+    assert!(
+        saved
+            .iter()
+            .any(|n| n.starts_with("e2e-interrupted-step") && n.ends_with("-state")),
+        "{saved:?}"
+    );
+
+    // 4. The saved LoRA through generate's loader (merged) equals the trained network's output.
     let lora_path = full.join("e2e.safetensors");
     let metadata = Checkpoint::open(&lora_path).unwrap().metadata().clone();
     assert_eq!(metadata["ss_network_module"], "networks.lora_flux_2");
@@ -266,7 +332,7 @@ fn cache_train_resume_and_generate_agree() {
         "merged {error} vs effect {effect}"
     );
 
-    // 4. generate with the trained LoRA writes an image.
+    // 5. generate with the trained LoRA writes an image.
     let images = dir.join("images-out");
     let mut generate = strings(&["generate", "--model_version", "klein-base-4b", "--dit"]);
     generate.push(dit_path.display().to_string());

@@ -67,6 +67,13 @@ pub struct TrainOptions {
     pub guidance: f64,
     /// TensorBoard events and a JSONL log go here.
     pub logging_dir: Option<PathBuf>,
+    /// Keep only the LoRA files (and, separately, state folders) of the last N epochs / steps.
+    pub save_last_n_epochs: Option<usize>,
+    pub save_last_n_epochs_state: Option<usize>,
+    pub save_last_n_steps: Option<usize>,
+    pub save_last_n_steps_state: Option<usize>,
+    /// Set (by a Ctrl-C handler) to stop after the current step, saving the LoRA and a state.
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     pub run: RunDescription,
 }
 
@@ -84,6 +91,8 @@ pub struct TrainSummary {
     pub steps: usize,
     pub losses: Vec<f64>,
     pub output: PathBuf,
+    /// True when the run was stopped by an interrupt (the output is then the interrupted save).
+    pub interrupted: bool,
 }
 
 /// Position and random state of a run, saved with `--save_state`.
@@ -330,6 +339,33 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
             state.rng_spare = spare;
             state.dropout_rng = network.dropout.as_ref().map(|d| d.rng_state());
             if options
+                .interrupt
+                .as_ref()
+                .is_some_and(|flag| flag.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                let name = format!(
+                    "{}-interrupted-step{:08}",
+                    options.output_name, state.global_step
+                );
+                let mut forced = options.clone();
+                forced.save_state = true;
+                let output = save(
+                    &forced,
+                    &run,
+                    &network,
+                    optimizer.as_ref(),
+                    &state,
+                    &name,
+                    observer,
+                )?;
+                return Ok(TrainSummary {
+                    steps: state.global_step,
+                    losses: state.losses,
+                    output,
+                    interrupted: true,
+                });
+            }
+            if options
                 .save_every_n_steps
                 .is_some_and(|n| n > 0 && state.global_step % n == 0)
                 && state.global_step < total_steps
@@ -344,6 +380,7 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
                     &name,
                     observer,
                 )?);
+                remove_old_saves(options, SaveKind::Step, state.global_step)?;
             }
             if state.global_step >= total_steps {
                 break 'epochs;
@@ -367,6 +404,7 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
                 &name,
                 observer,
             )?);
+            remove_old_saves(options, SaveKind::Epoch, state.epoch)?;
         }
         state.epoch += 1;
         state.batch_in_epoch = 0;
@@ -384,7 +422,68 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
         steps: state.global_step,
         losses: state.losses,
         output,
+        interrupted: false,
     })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SaveKind {
+    Step,
+    Epoch,
+}
+
+/// `--save_last_n_steps` / `--save_last_n_epochs` (and their `_state` variants): after a save at
+/// `position` (a step or an epoch), deletes this run's saves of that kind that fell out of the
+/// window (steps older than `position - n`; epochs older than the last `n` saves).
+fn remove_old_saves(options: &TrainOptions, kind: SaveKind, position: usize) -> Result<()> {
+    let (files, states) = match kind {
+        SaveKind::Step => (options.save_last_n_steps, options.save_last_n_steps_state),
+        SaveKind::Epoch => (options.save_last_n_epochs, options.save_last_n_epochs_state),
+    };
+    let cutoff = |n: usize| match kind {
+        SaveKind::Step => position.saturating_sub(n),
+        SaveKind::Epoch => position.saturating_sub(n * options.save_every_n_epochs.unwrap_or(1)),
+    };
+    let Ok(entries) = std::fs::read_dir(&options.output_dir) else {
+        return Ok(());
+    };
+    let prefix = match kind {
+        SaveKind::Step => format!("{}-step", options.output_name),
+        SaveKind::Epoch => format!("{}-", options.output_name),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let (number, is_state) = if let Some(n) = rest.strip_suffix("-state") {
+            (n, true)
+        } else if let Some(n) = rest.strip_suffix(".safetensors") {
+            (n, false)
+        } else {
+            continue;
+        };
+        let expected_digits = if kind == SaveKind::Step { 8 } else { 6 };
+        if number.len() != expected_digits || !number.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(number) = number.parse::<usize>() else {
+            continue;
+        };
+        let limit = if is_state { states } else { files };
+        if let Some(n) = limit {
+            if number <= cutoff(n) {
+                let path = entry.path();
+                let removed = if is_state {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.map_err(|e| Error::io(&path, "cannot remove an old save", e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes `{name}.safetensors` (and `{name}-state/` with `--save_state`).

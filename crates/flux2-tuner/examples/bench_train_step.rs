@@ -1,0 +1,379 @@
+//! LoRA training-step benchmark on CPU (issue 7, point 7): the mid-size FLUX.2 transformer of
+//! `bench_dit` (hidden 512 = 8 heads x 64, 2 double + 4 single blocks, MLP ratio 3, text width
+//! 384, RoPE 4 x 16, no guidance embedding) with random weights in the BFL key format, a rank-32
+//! LoRA (alpha 32) on Musubi's default targets, batch 1 of 1024 image tokens (a 32 x 32 grid) and
+//! 128 text tokens. One step is `training_step` (noise, forward, flow-matching MSE, backward)
+//! plus an AdamW step; timed in f32 and bf16 (bf16 base weights, f32 LoRA), with and without
+//! gradient checkpointing (warm-up, then the median of several steps).
+//!
+//! Each configuration runs in a child process of this example (re-executed with `--run`), so that
+//! its peak resident memory (`VmHWM` of `/proc/self/status`) is its own.
+//!
+//! The same step is then timed in PyTorch by `tools/bench/train_step_diffusers.py` (diffusers
+//! `Flux2Transformer2DModel` + peft LoRA + torch AdamW) with the same thread count, when a Python
+//! with torch, diffusers and peft is found (`$FLUX2_REF_PYTHON`, else `/work/venv-ref/bin/python`),
+//! and both are printed side by side.
+//!
+//! ```text
+//! cargo run --release -p flux2-tuner --example bench_train_step -- [--threads 2] [--warmup 1] [--iterations 3]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use flux2_tuner::checkpoint::Checkpoint;
+use flux2_tuner::models::dit::writer::write_random_dit;
+use flux2_tuner::models::dit::{DitConfig, Flux2Dit};
+use flux2_tuner::train::network::{LoraNetwork, NetworkConfig};
+use flux2_tuner::train::optim::{AdamW, Optimizer};
+use flux2_tuner::train::step::{training_step, StepBatch};
+use flux2_tuner::util::rng::SeededRng;
+
+type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const GRID_SIDE: usize = 32;
+const TEXT_TOKENS: usize = 128;
+const TEXT_WIDTH: usize = 384;
+const RANK: usize = 32;
+const LEARNING_RATE: f64 = 1e-4;
+const SIGMA: f64 = 0.7;
+const DEFAULT_PYTHON: &str = "/work/venv-ref/bin/python";
+
+/// The benchmark config (that of `bench_dit`); `tools/bench/train_step_diffusers.py` builds the
+/// same one.
+fn bench_config() -> DitConfig {
+    DitConfig {
+        in_channels: 128,
+        context_in_dim: TEXT_WIDTH,
+        hidden_size: 512,
+        num_heads: 8,
+        depth: 2,
+        depth_single_blocks: 4,
+        mlp_hidden_size: 3 * 512,
+        axes_dim: [16; 4],
+        theta: 2000.0,
+        guidance_embed: false,
+    }
+}
+
+struct Options {
+    threads: usize,
+    warmup: usize,
+    iterations: usize,
+}
+
+/// One configuration, as passed to the child process: `--run <checkpoint> <dtype> <checkpointing>`.
+struct RunSpec {
+    checkpoint: PathBuf,
+    dtype: DType,
+    checkpointing: bool,
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+fn parse_options() -> BenchResult<(Options, Option<RunSpec>)> {
+    let mut options = Options {
+        threads: 2,
+        warmup: 1,
+        iterations: 3,
+    };
+    let mut run = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--threads" => options.threads = value()?.parse()?,
+            "--warmup" => options.warmup = value()?.parse()?,
+            "--iterations" => options.iterations = value()?.parse::<usize>()?.max(1),
+            "--run" => {
+                let checkpoint = PathBuf::from(value()?);
+                let dtype = match value()?.as_str() {
+                    "bf16" => DType::BF16,
+                    _ => DType::F32,
+                };
+                let checkpointing = value()? == "checkpointing";
+                run = Some(RunSpec {
+                    checkpoint,
+                    dtype,
+                    checkpointing,
+                });
+            }
+            _ => {
+                return Err(format!(
+                    "unknown option {flag}; expected --threads, --warmup, --iterations"
+                )
+                .into())
+            }
+        }
+    }
+    Ok((options, run))
+}
+
+fn random_tensor(rng: &mut SeededRng, shape: &[usize]) -> BenchResult<Tensor> {
+    let count = shape.iter().product();
+    Ok(Tensor::from_vec(
+        rng.normal_vec(count),
+        shape,
+        &Device::Cpu,
+    )?)
+}
+
+fn median(mut seconds: Vec<f64>) -> f64 {
+    seconds.sort_by(f64::total_cmp);
+    let middle = seconds.len() / 2;
+    if seconds.len() % 2 == 0 {
+        (seconds[middle - 1] + seconds[middle]) / 2.0
+    } else {
+        seconds[middle]
+    }
+}
+
+/// Peak resident memory of this process in MiB (`VmHWM`, reported in kB).
+fn peak_rss_mib() -> BenchResult<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .ok_or("no VmHWM in /proc/self/status")?;
+    let kilobytes: f64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kilobytes / 1024.0)
+}
+
+/// The child: times the training step of one configuration and prints
+/// `<median seconds> <peak MiB> <LoRA modules> <LoRA parameters>`.
+fn run_one(spec: &RunSpec, options: &Options) -> BenchResult<()> {
+    let device = Device::Cpu;
+    let checkpoint = Checkpoint::open(&spec.checkpoint)?;
+    let mut dit = Flux2Dit::load(&checkpoint, None, spec.dtype, &device)?;
+    let network = LoraNetwork::new(
+        &dit.config,
+        NetworkConfig {
+            dim: RANK,
+            alpha: RANK as f64,
+            ..Default::default()
+        },
+        &mut SeededRng::new(0),
+        &device,
+    )?;
+    network.attach(&mut dit, 1.0)?;
+    let with_factors = network.parameters();
+    let parameters: Vec<_> = with_factors.iter().map(|(p, _)| p.clone()).collect();
+    let parameter_count: usize = parameters.iter().map(|p| p.elem_count()).sum();
+    let mut optimizer = AdamW::new(with_factors)?;
+
+    let mut rng = SeededRng::new(0);
+    let latents = random_tensor(&mut rng, &[1, dit.config.in_channels, GRID_SIDE, GRID_SIDE])?;
+    let noise = random_tensor(&mut rng, &[1, dit.config.in_channels, GRID_SIDE, GRID_SIDE])?;
+    let text = random_tensor(&mut rng, &[1, TEXT_TOKENS, dit.config.context_in_dim])?;
+    let batch = StepBatch {
+        latents: &latents,
+        noise: &noise,
+        sigmas: &[SIGMA],
+        model_timesteps: &[SIGMA],
+        text: &text,
+        controls: &[],
+        guidance: None,
+        weights: &[1.0],
+    };
+    let mut seconds = Vec::new();
+    for index in 0..options.warmup + options.iterations {
+        let start = Instant::now();
+        let step = training_step(&dit, &batch, &parameters, spec.checkpointing)?;
+        optimizer.step(&step.gradients, LEARNING_RATE)?;
+        let elapsed = start.elapsed().as_secs_f64();
+        if !step.loss.is_finite() {
+            return Err(format!("non-finite loss in {}", dtype_name(spec.dtype)).into());
+        }
+        if index >= options.warmup {
+            seconds.push(elapsed);
+        }
+    }
+    println!(
+        "{} {} {} {}",
+        median(seconds),
+        peak_rss_mib()?,
+        network.modules.len(),
+        parameter_count
+    );
+    Ok(())
+}
+
+struct Measured {
+    seconds: f64,
+    peak_mib: f64,
+    modules: usize,
+    parameters: usize,
+}
+
+/// Runs one configuration in a child process of this executable.
+fn measure(
+    path: &Path,
+    dtype: DType,
+    checkpointing: bool,
+    options: &Options,
+) -> BenchResult<Measured> {
+    let output = Command::new(std::env::current_exe()?)
+        .args(["--threads", &options.threads.to_string()])
+        .args(["--warmup", &options.warmup.to_string()])
+        .args(["--iterations", &options.iterations.to_string()])
+        .arg("--run")
+        .arg(path)
+        .arg(dtype_name(dtype))
+        .arg(if checkpointing {
+            "checkpointing"
+        } else {
+            "full"
+        })
+        .output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "the {} run failed: {}",
+            dtype_name(dtype),
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let fields: Vec<&str> = stdout.split_whitespace().collect();
+    if fields.len() != 4 {
+        return Err(format!("unexpected child output {stdout:?}").into());
+    }
+    Ok(Measured {
+        seconds: fields[0].parse()?,
+        peak_mib: fields[1].parse()?,
+        modules: fields[2].parse()?,
+        parameters: fields[3].parse()?,
+    })
+}
+
+/// The reference result of the Python script, or why it is missing.
+fn run_pytorch(options: &Options) -> std::result::Result<serde_json::Value, String> {
+    let python = std::env::var_os("FLUX2_REF_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PYTHON));
+    if !python.exists() {
+        return Err(format!(
+            "no Python at {} (set FLUX2_REF_PYTHON)",
+            python.display()
+        ));
+    }
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/train_step_diffusers.py");
+    let output = Command::new(&python)
+        .arg(&script)
+        .args(["--threads", &options.threads.to_string()])
+        .args(["--warmup", &options.warmup.to_string()])
+        .args(["--iterations", &options.iterations.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+        return Err(format!("{} failed: {}", script.display(), tail.join(" | ")));
+    }
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).map_err(|e| format!("unexpected output {line:?}: {e}"))
+}
+
+fn main() -> BenchResult<()> {
+    let (options, run) = parse_options()?;
+    // candle's CPU matmul and rayon both read this; set it before the first tensor op.
+    std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());
+    if let Some(spec) = run {
+        return run_one(&spec, &options);
+    }
+
+    let config = bench_config();
+    let directory = std::env::temp_dir().join(format!("flux2-bench-train-{}", std::process::id()));
+    std::fs::create_dir_all(&directory)?;
+    let path = directory.join("dit.safetensors");
+    write_random_dit(&config, &path, 0, DType::F32)?;
+    let mut rows = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        for checkpointing in [false, true] {
+            let measured = measure(&path, dtype, checkpointing, &options);
+            rows.push((dtype, checkpointing, measured));
+        }
+    }
+    std::fs::remove_dir_all(&directory)?;
+
+    println!(
+        "LoRA training step, CPU, {} threads: hidden {}, {} heads, {} double + {} single blocks, {} image + {} text \
+         tokens, batch 1, {} base parameters, LoRA rank {RANK}; warm-up {}, median of {}",
+        options.threads,
+        config.hidden_size,
+        config.num_heads,
+        config.depth,
+        config.depth_single_blocks,
+        GRID_SIDE * GRID_SIDE,
+        TEXT_TOKENS,
+        config.parameter_count(),
+        options.warmup,
+        options.iterations
+    );
+    let reference = run_pytorch(&options);
+    match &reference {
+        Ok(json) => println!(
+            "reference: diffusers Flux2Transformer2DModel + peft LoRA ({} modules, {} parameters), torch {}",
+            json["lora_modules"],
+            json["lora_parameters"],
+            json["torch"].as_str().unwrap_or("?")
+        ),
+        Err(reason) => println!("PyTorch unavailable: {reason}"),
+    }
+    println!(
+        "| dtype | gradient checkpointing | rust s | rust peak MiB | pytorch s | pytorch peak MiB | time ratio | memory ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (dtype, checkpointing, measured) in &rows {
+        let name = dtype_name(*dtype);
+        let measured = match measured {
+            Ok(measured) => measured,
+            Err(error) => {
+                println!("| {name} | {checkpointing} | failed: {error} | | | | | |");
+                continue;
+            }
+        };
+        let torch = reference.as_ref().ok().and_then(|json| {
+            Some((
+                json[format!("train_step_{name}_s")].as_f64()?,
+                json[format!("peak_rss_{name}_mib")].as_f64()?,
+            ))
+        });
+        let (torch_seconds, torch_mib, time_ratio, memory_ratio) = match torch {
+            Some((seconds, mib)) => (
+                format!("{seconds:.3}"),
+                format!("{mib:.0}"),
+                format!("{:.2}", measured.seconds / seconds),
+                format!("{:.2}", measured.peak_mib / mib),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "| {name} | {} | {:.3} | {:.0} | {torch_seconds} | {torch_mib} | {time_ratio} | {memory_ratio} |",
+            if *checkpointing { "yes" } else { "no" },
+            measured.seconds,
+            measured.peak_mib,
+        );
+    }
+    if let Some(Ok(measured)) = rows.first().map(|row| &row.2) {
+        println!(
+            "rust LoRA: {} modules, {} parameters",
+            measured.modules, measured.parameters
+        );
+    }
+    Ok(())
+}
