@@ -288,37 +288,6 @@ fn random_seed() -> u64 {
     flux2_tuner::util::rng::SeededRng::new(nanos ^ u64::from(std::process::id())).next_u64() >> 32
 }
 
-/// `YYYYMMDD-HHMMSS-mmm` in UTC, Musubi's output-name stamp.
-fn time_stamp() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let seconds = now.as_secs();
-    let (days, rest) = (seconds / 86400, seconds % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{:03}",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60,
-        now.subsec_millis()
-    )
-}
-
 /// The parameters stored with each output.
 fn parameters(
     request: &ImageRequest,
@@ -454,7 +423,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     std::fs::create_dir_all(save_path)
         .with_context(|| format!("cannot create {}", save_path.display()))?;
     for item in &generated {
-        let stem = format!("{}_{}", time_stamp(), item.request.seed);
+        let stem = format!(
+            "{}_{}",
+            flux2_tuner::util::time::file_stamp(),
+            item.request.seed
+        );
         if output != OutputType::Images {
             let path = save_path.join(format!("{stem}_latent.safetensors"));
             save_latent(
@@ -519,7 +492,10 @@ fn decode_latent_files(args: &GenerateArgs, device: &candle_core::Device) -> Res
         if args.no_metadata {
             text.clear();
         }
-        let out = save_path.join(format!("{}_{seed}.png", time_stamp()));
+        let out = save_path.join(format!(
+            "{}_{seed}.png",
+            flux2_tuner::util::time::file_stamp()
+        ));
         write_png(&out, &image, &text)?;
         eprintln!("saved {}", out.display());
     }

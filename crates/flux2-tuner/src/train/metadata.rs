@@ -238,7 +238,7 @@ pub fn build_metadata(
             .map(|r| r.replace(',', "x"))
             .unwrap_or_else(|| "1280x720".into()),
     );
-    spec("date", iso_date());
+    spec("date", crate::util::time::iso_date());
     for (key, value) in [
         ("author", &run.author),
         ("description", &run.description),
@@ -264,32 +264,6 @@ pub fn build_metadata(
 
 fn python_bool(value: bool) -> String {
     if value { "True" } else { "False" }.into()
-}
-
-/// ISO-8601 UTC date-time without a time zone, as Musubi's `datetime.now().isoformat()`.
-fn iso_date() -> String {
-    let seconds = now_seconds() as i64;
-    let (days, rest) = (seconds.div_euclid(86400), seconds.rem_euclid(86400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
 }
 
 #[cfg(test)]

@@ -1,3 +1,4 @@
 //! Small utilities.
 
 pub mod rng;
+pub mod time;

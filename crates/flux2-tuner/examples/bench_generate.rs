@@ -1,0 +1,280 @@
+//! Generation benchmark on CPU (issue 5, point 9): one 512x512 image (1024 image tokens) in 4
+//! steps with the mid-size FLUX.2 transformer of `bench_dit` (hidden 512 = 8 heads x 64, 2 double
+//! + 4 single blocks, MLP ratio 3, text width 384, RoPE 4 x 16, no guidance embedding) run as a
+//! distilled klein (no CFG, the FLUX.2 schedule, Euler), then decoded by a small AE (ch 32,
+//! ch_mult [1, 1, 2, 2], one ResNet block per level, z 32, 32 groups) in f32, both with random
+//! weights. The prompt embeddings are precomputed random `[1, 512, 384]`: text encoding is left
+//! out on both sides. The DiT runs in f32 and in bf16; timed per image (sampling + decode to an
+//! RGB image) and per step, warm-up then the median of several runs.
+//!
+//! The same generation is then timed with diffusers' `Flux2KleinPipeline` by
+//! `tools/bench/generate_diffusers.py` with the same thread count, when a Python with torch and
+//! diffusers is found (`$FLUX2_REF_PYTHON`, else `/work/venv-ref/bin/python`).
+//!
+//! ```text
+//! cargo run --release -p flux2-tuner --example bench_generate -- [--threads 2] [--warmup 1] [--iterations 3]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use flux2_tuner::checkpoint::Checkpoint;
+use flux2_tuner::models::ae::{write_random_ae, AeConfig, AutoEncoder};
+use flux2_tuner::models::dit::writer::write_random_dit;
+use flux2_tuner::models::dit::{DitConfig, Flux2Dit};
+use flux2_tuner::models::ModelVersion;
+use flux2_tuner::sample::generate::{decode_image, sample_latents, Conditioning};
+use flux2_tuner::sample::ImageRequest;
+use flux2_tuner::util::rng::SeededRng;
+
+type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const IMAGE_SIZE: usize = 512;
+const STEPS: usize = 4;
+const TEXT_TOKENS: usize = 512;
+const TEXT_WIDTH: usize = 384;
+const DEFAULT_PYTHON: &str = "/work/venv-ref/bin/python";
+
+/// The transformer of `bench_dit`; `tools/bench/generate_diffusers.py` builds the same one.
+fn dit_config() -> DitConfig {
+    DitConfig {
+        in_channels: 128,
+        context_in_dim: TEXT_WIDTH,
+        hidden_size: 512,
+        num_heads: 8,
+        depth: 2,
+        depth_single_blocks: 4,
+        mlp_hidden_size: 3 * 512,
+        axes_dim: [16; 4],
+        theta: 2000.0,
+        guidance_embed: false,
+    }
+}
+
+/// The small AE; diffusers' `block_out_channels=(32, 32, 64, 64)`, `layers_per_block=1`.
+fn ae_config() -> AeConfig {
+    AeConfig {
+        ch: 32,
+        ch_mult: vec![1, 1, 2, 2],
+        num_res_blocks: 1,
+        ..AeConfig::real()
+    }
+}
+
+struct Options {
+    threads: usize,
+    warmup: usize,
+    iterations: usize,
+}
+
+fn parse_options() -> BenchResult<Options> {
+    let mut options = Options {
+        threads: 2,
+        warmup: 1,
+        iterations: 3,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value: usize = args
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value"))?
+            .parse()?;
+        match flag.as_str() {
+            "--threads" => options.threads = value,
+            "--warmup" => options.warmup = value,
+            "--iterations" => options.iterations = value.max(1),
+            _ => {
+                return Err(format!(
+                    "unknown option {flag}; expected --threads, --warmup, --iterations"
+                )
+                .into())
+            }
+        }
+    }
+    Ok(options)
+}
+
+fn median(mut seconds: Vec<f64>) -> f64 {
+    seconds.sort_by(f64::total_cmp);
+    let middle = seconds.len() / 2;
+    if seconds.len() % 2 == 0 {
+        (seconds[middle - 1] + seconds[middle]) / 2.0
+    } else {
+        seconds[middle]
+    }
+}
+
+/// Median seconds per image and per step, the DiT in `dtype`.
+struct Timing {
+    image: f64,
+    step: f64,
+}
+
+fn time_rust(
+    dit_path: &Path,
+    ae_path: &Path,
+    dtype: DType,
+    options: &Options,
+) -> BenchResult<Timing> {
+    let device = Device::Cpu;
+    let dit = Flux2Dit::load(&Checkpoint::open(dit_path)?, None, dtype, &device)?;
+    let ae = AutoEncoder::load(&Checkpoint::open(ae_path)?, DType::F32, &device)?;
+    let values = SeededRng::new(0).normal_vec(TEXT_TOKENS * TEXT_WIDTH);
+    let text = Tensor::from_vec(values, (1, TEXT_TOKENS, TEXT_WIDTH), &device)?.to_dtype(dtype)?;
+    let conditioning = Conditioning {
+        positive: text,
+        negative: None,
+    };
+    let mut image_seconds = Vec::new();
+    let mut step_seconds = Vec::new();
+    for index in 0..options.warmup + options.iterations {
+        let request = ImageRequest {
+            prompt: String::new(),
+            negative_prompt: None,
+            height: IMAGE_SIZE,
+            width: IMAGE_SIZE,
+            steps: STEPS,
+            guidance: 1.0,
+            seed: index as u64,
+            flow_shift: None,
+            control_images: Vec::new(),
+        };
+        let start = Instant::now();
+        let mut last_step = start;
+        let latents = sample_latents(
+            &dit,
+            ModelVersion::Klein4b,
+            &conditioning,
+            None,
+            &request,
+            |_, _| last_step = Instant::now(),
+        )?;
+        let image = decode_image(&ae, &latents)?;
+        let elapsed = start.elapsed().as_secs_f64();
+        let sampled = (last_step - start).as_secs_f64();
+        let first: f32 = latents.flatten_all()?.get(0)?.to_scalar()?;
+        if !first.is_finite() {
+            return Err(format!("non-finite latents in {dtype:?}").into());
+        }
+        if (image.width() as usize, image.height() as usize) != (IMAGE_SIZE, IMAGE_SIZE) {
+            return Err(format!("unexpected image size in {dtype:?}").into());
+        }
+        if index >= options.warmup {
+            image_seconds.push(elapsed);
+            step_seconds.push(sampled / STEPS as f64);
+        }
+    }
+    Ok(Timing {
+        image: median(image_seconds),
+        step: median(step_seconds),
+    })
+}
+
+/// The reference timings `(f32, bf16, torch version)` from the Python script, or why they are missing.
+fn time_pytorch(options: &Options) -> std::result::Result<(Timing, Timing, String), String> {
+    let python = std::env::var_os("FLUX2_REF_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PYTHON));
+    if !python.exists() {
+        return Err(format!(
+            "no Python at {} (set FLUX2_REF_PYTHON)",
+            python.display()
+        ));
+    }
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/generate_diffusers.py");
+    let output = Command::new(&python)
+        .arg(&script)
+        .args(["--threads", &options.threads.to_string()])
+        .args(["--warmup", &options.warmup.to_string()])
+        .args(["--iterations", &options.iterations.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+        return Err(format!("{} failed: {}", script.display(), tail.join(" | ")));
+    }
+    let line = stdout.lines().last().unwrap_or_default();
+    let json: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("unexpected output {line:?}: {e}"))?;
+    let field = |name: &str| json[name].as_f64().ok_or(format!("no {name} in {line:?}"));
+    let f32_timing = Timing {
+        image: field("image_f32_s")?,
+        step: field("step_f32_s")?,
+    };
+    let bf16_timing = Timing {
+        image: field("image_bf16_s")?,
+        step: field("step_bf16_s")?,
+    };
+    let torch = json["torch"].as_str().unwrap_or("?").to_string();
+    Ok((f32_timing, bf16_timing, torch))
+}
+
+fn main() -> BenchResult<()> {
+    let options = parse_options()?;
+    // candle's CPU matmul and rayon both read this; set it before the first tensor op.
+    std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());
+
+    let dit = dit_config();
+    let ae = ae_config();
+    let directory =
+        std::env::temp_dir().join(format!("flux2-bench-generate-{}", std::process::id()));
+    std::fs::create_dir_all(&directory)?;
+    let dit_path = directory.join("dit.safetensors");
+    let ae_path = directory.join("ae.safetensors");
+    write_random_dit(&dit, &dit_path, 0, DType::F32)?;
+    write_random_ae(&ae, &ae_path, 0, DType::F32)?;
+    let rust =
+        [DType::F32, DType::BF16].map(|dtype| time_rust(&dit_path, &ae_path, dtype, &options));
+    std::fs::remove_dir_all(&directory)?;
+    let [rust_f32, rust_bf16] = rust;
+    let rust_f32 = rust_f32.map_err(|e| e.to_string())?;
+    let rust_bf16 = rust_bf16.map_err(|e| e.to_string())?;
+
+    println!(
+        "Generation, CPU, {} threads: {IMAGE_SIZE}x{IMAGE_SIZE} ({} image tokens), {STEPS} steps, \
+         {TEXT_TOKENS} text tokens (precomputed), DiT {} parameters, AE {} parameters (f32 decode); \
+         warm-up {}, median of {}",
+        options.threads,
+        (IMAGE_SIZE / 16) * (IMAGE_SIZE / 16),
+        dit.parameter_count(),
+        ae.parameter_count(),
+        options.warmup,
+        options.iterations
+    );
+    let reference = time_pytorch(&options);
+    match &reference {
+        Ok((_, _, version)) => println!("reference: diffusers Flux2KleinPipeline, torch {version}"),
+        Err(reason) => println!("PyTorch unavailable: {reason}"),
+    }
+    println!("| DiT dtype | Rust s/image | PyTorch s/image | Rust s/step | PyTorch s/step | ratio image | ratio step |");
+    println!("|---|---|---|---|---|---|---|");
+    for (index, (name, rust)) in [("f32", &rust_f32), ("bf16", &rust_bf16)]
+        .into_iter()
+        .enumerate()
+    {
+        match &reference {
+            Ok((torch_f32, torch_bf16, _)) => {
+                let torch = if index == 0 { torch_f32 } else { torch_bf16 };
+                println!(
+                    "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} |",
+                    rust.image,
+                    torch.image,
+                    rust.step,
+                    torch.step,
+                    rust.image / torch.image,
+                    rust.step / torch.step
+                );
+            }
+            Err(_) => println!(
+                "| {name} | {:.3} | - | {:.3} | - | - | - |",
+                rust.image, rust.step
+            ),
+        }
+    }
+    Ok(())
+}
