@@ -31,7 +31,8 @@ impl Report {
     pub fn error(&mut self, id: &str, message: &str) {
         // Keep the line to one line: candle errors may carry a backtrace after the first line.
         let first_line = message.lines().next().unwrap_or_default();
-        println!("golden {id} rel_err=NaN tol=0 FAIL ({first_line})");
+        println!("golden {id} rel_err=NaN tol=0 FAIL");
+        println!("  reason: {first_line}");
         self.failed.push(id.to_string());
     }
 
