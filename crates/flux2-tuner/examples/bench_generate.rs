@@ -1,6 +1,6 @@
 //! Generation benchmark on CPU (issue 5, point 9): one 512x512 image (1024 image tokens) in 4
 //! steps with the mid-size FLUX.2 transformer of `bench_dit` (hidden 512 = 8 heads x 64, 2 double
-//! + 4 single blocks, MLP ratio 3, text width 384, RoPE 4 x 16, no guidance embedding) run as a
+//! and 4 single blocks, MLP ratio 3, text width 384, RoPE 4 x 16, no guidance embedding) run as a
 //! distilled klein (no CFG, the FLUX.2 schedule, Euler), then decoded by a small AE (ch 32,
 //! ch_mult [1, 1, 2, 2], one ResNet block per level, z 32, 32 groups) in f32, both with random
 //! weights. The prompt embeddings are precomputed random `[1, 512, 384]`: text encoding is left

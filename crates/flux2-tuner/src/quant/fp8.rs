@@ -110,7 +110,11 @@ mod tests {
         let device = Device::Cpu;
         let mut rng = crate::util::rng::SeededRng::new(9);
         let mut normals = |std: f32| -> Result<Tensor> {
-            let values: Vec<f32> = rng.normal_vec(4 * 64).into_iter().map(|v| v * std).collect();
+            let values: Vec<f32> = rng
+                .normal_vec(4 * 64)
+                .into_iter()
+                .map(|v| v * std)
+                .collect();
             Ok(Tensor::from_vec(values, (4, 64), &device)?)
         };
         let large = normals(100.0)?;
