@@ -13,9 +13,11 @@
 //! `--mode decode --size 1024 --reference no` under `/usr/bin/time -v` measures the peak memory of a
 //! 1024x1024 decode.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
+
 use std::time::Instant;
+
+mod bench_support;
 
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
@@ -23,8 +25,6 @@ use flux2_tuner::models::ae::{write_random_ae, AeConfig, AutoEncoder};
 use flux2_tuner::util::rng::SeededRng;
 
 type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-const DEFAULT_PYTHON: &str = "/work/venv-ref/bin/python";
 
 struct Options {
     size: usize,
@@ -103,35 +103,24 @@ fn time_rust(path: &Path, options: &Options) -> BenchResult<(Option<f64>, f64)> 
 
 /// The reference timings `(encode, decode, torch description)`, or why they are missing.
 fn time_pytorch(options: &Options) -> std::result::Result<(f64, f64, String), String> {
-    let python = std::env::var_os("FLUX2_REF_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PYTHON));
-    if !python.exists() {
-        return Err(format!(
-            "no Python at {} (set FLUX2_REF_PYTHON)",
-            python.display()
-        ));
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/ae_diffusers.py");
-    let output = Command::new(&python)
-        .arg(&script)
-        .args(["--size", &options.size.to_string()])
-        .args(["--threads", &options.threads.to_string()])
-        .args(["--repeats", &options.repeats.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(format!("{} failed: {}", script.display(), tail.join(" | ")));
-    }
+    let script = "ae_diffusers.py";
+    let stdout = bench_support::run_reference(
+        script,
+        &[
+            "--size".to_string(),
+            options.size.to_string(),
+            "--threads".to_string(),
+            options.threads.to_string(),
+            "--repeats".to_string(),
+            options.repeats.to_string(),
+        ],
+    )?;
     let value = |key: &str| -> std::result::Result<String, String> {
         stdout
             .lines()
             .find_map(|line| line.strip_prefix(&format!("{key}=")))
             .map(str::to_string)
-            .ok_or_else(|| format!("no {key}= in the output of {}", script.display()))
+            .ok_or_else(|| format!("no {key}= in the output of {script}"))
     };
     let seconds = |key: &str| -> std::result::Result<f64, String> {
         value(key)?.parse().map_err(|e| format!("{key}: {e}"))

@@ -12,7 +12,8 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod bench_support;
 
 use candle_core::{DType, Device};
 use flux2_tuner::data::{
@@ -23,7 +24,6 @@ use flux2_tuner::models::ModelVersion;
 
 type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-const DEFAULT_PYTHON: &str = "/work/venv-ref/bin/python";
 const SIDE: u32 = 512;
 
 struct Options {
@@ -88,33 +88,22 @@ fn write_dataset(directory: &Path, count: usize) -> BenchResult<PathBuf> {
 
 /// The reference's best encode seconds and its torch description, or why they are missing.
 fn time_pytorch(options: &Options) -> std::result::Result<(f64, String), String> {
-    let python = std::env::var_os("FLUX2_REF_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PYTHON));
-    if !python.exists() {
-        return Err(format!(
-            "no Python at {} (set FLUX2_REF_PYTHON)",
-            python.display()
-        ));
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/ae_diffusers.py");
-    let output = Command::new(&python)
-        .arg(&script)
-        .args(["--size", &SIDE.to_string()])
-        .args(["--threads", &options.threads.to_string()])
-        .args(["--repeats", "2"])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(format!("{} failed: {}", script.display(), tail.join(" | ")));
-    }
+    let script = "ae_diffusers.py";
+    let stdout = bench_support::run_reference(
+        script,
+        &[
+            "--size".to_string(),
+            SIDE.to_string(),
+            "--threads".to_string(),
+            options.threads.to_string(),
+            "--repeats".to_string(),
+            ("2").to_string(),
+        ],
+    )?;
     let seconds = stdout
         .lines()
         .find_map(|line| line.strip_prefix("encode_seconds="))
-        .ok_or_else(|| format!("no encode_seconds= in the output of {}", script.display()))?
+        .ok_or_else(|| format!("no encode_seconds= in the output of {script}"))?
         .parse::<f64>()
         .map_err(|e| format!("encode_seconds: {e}"))?;
     Ok((

@@ -11,9 +11,11 @@
 //! cargo run --release -p flux2-tuner --example bench_dit -- [--threads 2] [--warmup 2] [--iterations 5]
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
+
 use std::time::Instant;
+
+mod bench_support;
 
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
@@ -27,7 +29,6 @@ type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 const GRID_SIDE: usize = 32;
 const TEXT_TOKENS: usize = 128;
 const TEXT_WIDTH: usize = 384;
-const DEFAULT_PYTHON: &str = "/work/venv-ref/bin/python";
 
 /// The benchmark config; `tools/bench/dit_diffusers.py` builds the same one.
 fn bench_config() -> DitConfig {
@@ -133,29 +134,18 @@ fn time_rust(path: &Path, dtype: DType, options: &Options) -> BenchResult<f64> {
 
 /// The reference timings `(f32, bf16)` from the Python script, or why they are missing.
 fn time_pytorch(options: &Options) -> std::result::Result<(f64, f64, String), String> {
-    let python = std::env::var_os("FLUX2_REF_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PYTHON));
-    if !python.exists() {
-        return Err(format!(
-            "no Python at {} (set FLUX2_REF_PYTHON)",
-            python.display()
-        ));
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/dit_diffusers.py");
-    let output = Command::new(&python)
-        .arg(&script)
-        .args(["--threads", &options.threads.to_string()])
-        .args(["--warmup", &options.warmup.to_string()])
-        .args(["--iterations", &options.iterations.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(format!("{} failed: {}", script.display(), tail.join(" | ")));
-    }
+    let script = "dit_diffusers.py";
+    let stdout = bench_support::run_reference(
+        script,
+        &[
+            "--threads".to_string(),
+            options.threads.to_string(),
+            "--warmup".to_string(),
+            options.warmup.to_string(),
+            "--iterations".to_string(),
+            options.iterations.to_string(),
+        ],
+    )?;
     let line = stdout.lines().last().unwrap_or_default();
     let json: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("unexpected output {line:?}: {e}"))?;

@@ -15,9 +15,11 @@
 //! cargo run --release -p flux2-tuner --example bench_generate -- [--threads 2] [--warmup 1] [--iterations 3]
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
+
 use std::time::Instant;
+
+mod bench_support;
 
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
@@ -35,7 +37,6 @@ const IMAGE_SIZE: usize = 512;
 const STEPS: usize = 4;
 const TEXT_TOKENS: usize = 512;
 const TEXT_WIDTH: usize = 384;
-const DEFAULT_PYTHON: &str = "/work/venv-ref/bin/python";
 
 /// The transformer of `bench_dit`; `tools/bench/generate_diffusers.py` builds the same one.
 fn dit_config() -> DitConfig {
@@ -174,30 +175,18 @@ fn time_rust(
 
 /// The reference timings `(f32, bf16, torch version)` from the Python script, or why they are missing.
 fn time_pytorch(options: &Options) -> std::result::Result<(Timing, Timing, String), String> {
-    let python = std::env::var_os("FLUX2_REF_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PYTHON));
-    if !python.exists() {
-        return Err(format!(
-            "no Python at {} (set FLUX2_REF_PYTHON)",
-            python.display()
-        ));
-    }
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/generate_diffusers.py");
-    let output = Command::new(&python)
-        .arg(&script)
-        .args(["--threads", &options.threads.to_string()])
-        .args(["--warmup", &options.warmup.to_string()])
-        .args(["--iterations", &options.iterations.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(format!("{} failed: {}", script.display(), tail.join(" | ")));
-    }
+    let script = "generate_diffusers.py";
+    let stdout = bench_support::run_reference(
+        script,
+        &[
+            "--threads".to_string(),
+            options.threads.to_string(),
+            "--warmup".to_string(),
+            options.warmup.to_string(),
+            "--iterations".to_string(),
+            options.iterations.to_string(),
+        ],
+    )?;
     let line = stdout.lines().last().unwrap_or_default();
     let json: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("unexpected output {line:?}: {e}"))?;

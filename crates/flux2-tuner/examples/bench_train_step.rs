@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+mod bench_support;
+
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::models::dit::writer::write_random_dit;
@@ -39,7 +41,6 @@ const TEXT_WIDTH: usize = 384;
 const RANK: usize = 32;
 const LEARNING_RATE: f64 = 1e-4;
 const SIGMA: f64 = 0.7;
-const DEFAULT_PYTHON: &str = "/work/venv-ref/bin/python";
 
 /// The benchmark config (that of `bench_dit`); `tools/bench/train_step_diffusers.py` builds the
 /// same one.
@@ -260,30 +261,18 @@ fn measure(
 
 /// The reference result of the Python script, or why it is missing.
 fn run_pytorch(options: &Options) -> std::result::Result<serde_json::Value, String> {
-    let python = std::env::var_os("FLUX2_REF_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PYTHON));
-    if !python.exists() {
-        return Err(format!(
-            "no Python at {} (set FLUX2_REF_PYTHON)",
-            python.display()
-        ));
-    }
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/train_step_diffusers.py");
-    let output = Command::new(&python)
-        .arg(&script)
-        .args(["--threads", &options.threads.to_string()])
-        .args(["--warmup", &options.warmup.to_string()])
-        .args(["--iterations", &options.iterations.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(format!("{} failed: {}", script.display(), tail.join(" | ")));
-    }
+    let script = "train_step_diffusers.py";
+    let stdout = bench_support::run_reference(
+        script,
+        &[
+            "--threads".to_string(),
+            options.threads.to_string(),
+            "--warmup".to_string(),
+            options.warmup.to_string(),
+            "--iterations".to_string(),
+            options.iterations.to_string(),
+        ],
+    )?;
     let line = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(line).map_err(|e| format!("unexpected output {line:?}: {e}"))
 }
