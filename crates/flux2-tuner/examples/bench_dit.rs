@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::models::dit::tokens::{image_position_ids, text_position_ids};
 use flux2_tuner::models::dit::writer::write_random_dit;
-use flux2_tuner::models::dit::{DitConfig, DitInput, Flux2Dit};
+use flux2_tuner::models::dit::{DitInput, Flux2Dit};
 use flux2_tuner::util::rng::SeededRng;
 
 type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -30,73 +30,14 @@ const GRID_SIDE: usize = 32;
 const TEXT_TOKENS: usize = 128;
 const TEXT_WIDTH: usize = 384;
 
-/// The benchmark config; `tools/bench/dit_diffusers.py` builds the same one.
-fn bench_config() -> DitConfig {
-    DitConfig {
-        in_channels: 128,
-        context_in_dim: TEXT_WIDTH,
-        hidden_size: 512,
-        num_heads: 8,
-        depth: 2,
-        depth_single_blocks: 4,
-        mlp_hidden_size: 3 * 512,
-        axes_dim: [16; 4],
-        theta: 2000.0,
-        guidance_embed: false,
-    }
-}
-
-struct Options {
-    threads: usize,
-    warmup: usize,
-    iterations: usize,
-}
-
-fn parse_options() -> BenchResult<Options> {
-    let mut options = Options {
-        threads: 2,
-        warmup: 2,
-        iterations: 5,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value: usize = args
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?
-            .parse()?;
-        match flag.as_str() {
-            "--threads" => options.threads = value,
-            "--warmup" => options.warmup = value,
-            "--iterations" => options.iterations = value.max(1),
-            _ => {
-                return Err(format!(
-                    "unknown option {flag}; expected --threads, --warmup, --iterations"
-                )
-                .into())
-            }
-        }
-    }
-    Ok(options)
-}
-
 fn random_tensor(rng: &mut SeededRng, shape: (usize, usize, usize)) -> BenchResult<Tensor> {
     let count = shape.0 * shape.1 * shape.2;
     let values: Vec<f32> = (0..count).map(|_| rng.normal() as f32).collect();
     Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
 }
 
-fn median(mut seconds: Vec<f64>) -> f64 {
-    seconds.sort_by(f64::total_cmp);
-    let middle = seconds.len() / 2;
-    if seconds.len() % 2 == 0 {
-        (seconds[middle - 1] + seconds[middle]) / 2.0
-    } else {
-        seconds[middle]
-    }
-}
-
 /// Median seconds of one forward pass of the checkpoint at `path` in `dtype`.
-fn time_rust(path: &Path, dtype: DType, options: &Options) -> BenchResult<f64> {
+fn time_rust(path: &Path, dtype: DType, options: &bench_support::Options) -> BenchResult<f64> {
     let device = Device::Cpu;
     let checkpoint = Checkpoint::open(path)?;
     let dit = Flux2Dit::load(&checkpoint, None, dtype, &device)?;
@@ -129,11 +70,13 @@ fn time_rust(path: &Path, dtype: DType, options: &Options) -> BenchResult<f64> {
             seconds.push(elapsed);
         }
     }
-    Ok(median(seconds))
+    Ok(bench_support::median(seconds))
 }
 
 /// The reference timings `(f32, bf16)` from the Python script, or why they are missing.
-fn time_pytorch(options: &Options) -> std::result::Result<(f64, f64, String), String> {
+fn time_pytorch(
+    options: &bench_support::Options,
+) -> std::result::Result<(f64, f64, String), String> {
     let script = "dit_diffusers.py";
     let stdout = bench_support::run_reference(
         script,
@@ -160,11 +103,15 @@ fn time_pytorch(options: &Options) -> std::result::Result<(f64, f64, String), St
 }
 
 fn main() -> BenchResult<()> {
-    let options = parse_options()?;
+    let options = bench_support::parse_options(bench_support::Options {
+        threads: 2,
+        warmup: 2,
+        iterations: 5,
+    })?;
     // candle's CPU matmul and rayon both read this; set it before the first tensor op.
     std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());
 
-    let config = bench_config();
+    let config = bench_support::mid_size_dit_config(TEXT_WIDTH);
     let directory = std::env::temp_dir().join(format!("flux2-bench-dit-{}", std::process::id()));
     std::fs::create_dir_all(&directory)?;
     let path = directory.join("dit.safetensors");

@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::models::ae::{write_random_ae, AeConfig, AutoEncoder};
 use flux2_tuner::models::dit::writer::write_random_dit;
-use flux2_tuner::models::dit::{DitConfig, Flux2Dit};
+use flux2_tuner::models::dit::Flux2Dit;
 use flux2_tuner::models::ModelVersion;
 use flux2_tuner::sample::generate::{decode_image, sample_latents, Conditioning};
 use flux2_tuner::sample::ImageRequest;
@@ -38,22 +38,6 @@ const STEPS: usize = 4;
 const TEXT_TOKENS: usize = 512;
 const TEXT_WIDTH: usize = 384;
 
-/// The transformer of `bench_dit`; `tools/bench/generate_diffusers.py` builds the same one.
-fn dit_config() -> DitConfig {
-    DitConfig {
-        in_channels: 128,
-        context_in_dim: TEXT_WIDTH,
-        hidden_size: 512,
-        num_heads: 8,
-        depth: 2,
-        depth_single_blocks: 4,
-        mlp_hidden_size: 3 * 512,
-        axes_dim: [16; 4],
-        theta: 2000.0,
-        guidance_embed: false,
-    }
-}
-
 /// The small AE; diffusers' `block_out_channels=(32, 32, 64, 64)`, `layers_per_block=1`.
 fn ae_config() -> AeConfig {
     AeConfig {
@@ -61,49 +45,6 @@ fn ae_config() -> AeConfig {
         ch_mult: vec![1, 1, 2, 2],
         num_res_blocks: 1,
         ..AeConfig::real()
-    }
-}
-
-struct Options {
-    threads: usize,
-    warmup: usize,
-    iterations: usize,
-}
-
-fn parse_options() -> BenchResult<Options> {
-    let mut options = Options {
-        threads: 2,
-        warmup: 1,
-        iterations: 3,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value: usize = args
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?
-            .parse()?;
-        match flag.as_str() {
-            "--threads" => options.threads = value,
-            "--warmup" => options.warmup = value,
-            "--iterations" => options.iterations = value.max(1),
-            _ => {
-                return Err(format!(
-                    "unknown option {flag}; expected --threads, --warmup, --iterations"
-                )
-                .into())
-            }
-        }
-    }
-    Ok(options)
-}
-
-fn median(mut seconds: Vec<f64>) -> f64 {
-    seconds.sort_by(f64::total_cmp);
-    let middle = seconds.len() / 2;
-    if seconds.len() % 2 == 0 {
-        (seconds[middle - 1] + seconds[middle]) / 2.0
-    } else {
-        seconds[middle]
     }
 }
 
@@ -117,7 +58,7 @@ fn time_rust(
     dit_path: &Path,
     ae_path: &Path,
     dtype: DType,
-    options: &Options,
+    options: &bench_support::Options,
 ) -> BenchResult<Timing> {
     let device = Device::Cpu;
     let dit = Flux2Dit::load(&Checkpoint::open(dit_path)?, None, dtype, &device)?;
@@ -168,13 +109,15 @@ fn time_rust(
         }
     }
     Ok(Timing {
-        image: median(image_seconds),
-        step: median(step_seconds),
+        image: bench_support::median(image_seconds),
+        step: bench_support::median(step_seconds),
     })
 }
 
 /// The reference timings `(f32, bf16, torch version)` from the Python script, or why they are missing.
-fn time_pytorch(options: &Options) -> std::result::Result<(Timing, Timing, String), String> {
+fn time_pytorch(
+    options: &bench_support::Options,
+) -> std::result::Result<(Timing, Timing, String), String> {
     let script = "generate_diffusers.py";
     let stdout = bench_support::run_reference(
         script,
@@ -204,11 +147,15 @@ fn time_pytorch(options: &Options) -> std::result::Result<(Timing, Timing, Strin
 }
 
 fn main() -> BenchResult<()> {
-    let options = parse_options()?;
+    let options = bench_support::parse_options(bench_support::Options {
+        threads: 2,
+        warmup: 1,
+        iterations: 3,
+    })?;
     // candle's CPU matmul and rayon both read this; set it before the first tensor op.
     std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());
 
-    let dit = dit_config();
+    let dit = bench_support::mid_size_dit_config(TEXT_WIDTH);
     let ae = ae_config();
     let directory =
         std::env::temp_dir().join(format!("flux2-bench-generate-{}", std::process::id()));

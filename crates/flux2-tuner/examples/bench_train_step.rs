@@ -27,7 +27,7 @@ mod bench_support;
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::models::dit::writer::write_random_dit;
-use flux2_tuner::models::dit::{DitConfig, Flux2Dit};
+use flux2_tuner::models::dit::Flux2Dit;
 use flux2_tuner::train::network::{LoraNetwork, NetworkConfig};
 use flux2_tuner::train::optim::{AdamW, Optimizer};
 use flux2_tuner::train::step::{training_step, StepBatch};
@@ -41,23 +41,6 @@ const TEXT_WIDTH: usize = 384;
 const RANK: usize = 32;
 const LEARNING_RATE: f64 = 1e-4;
 const SIGMA: f64 = 0.7;
-
-/// The benchmark config (that of `bench_dit`); `tools/bench/train_step_diffusers.py` builds the
-/// same one.
-fn bench_config() -> DitConfig {
-    DitConfig {
-        in_channels: 128,
-        context_in_dim: TEXT_WIDTH,
-        hidden_size: 512,
-        num_heads: 8,
-        depth: 2,
-        depth_single_blocks: 4,
-        mlp_hidden_size: 3 * 512,
-        axes_dim: [16; 4],
-        theta: 2000.0,
-        guidance_embed: false,
-    }
-}
 
 struct Options {
     threads: usize,
@@ -124,16 +107,6 @@ fn random_tensor(rng: &mut SeededRng, shape: &[usize]) -> BenchResult<Tensor> {
         shape,
         &Device::Cpu,
     )?)
-}
-
-fn median(mut seconds: Vec<f64>) -> f64 {
-    seconds.sort_by(f64::total_cmp);
-    let middle = seconds.len() / 2;
-    if seconds.len() % 2 == 0 {
-        (seconds[middle - 1] + seconds[middle]) / 2.0
-    } else {
-        seconds[middle]
-    }
 }
 
 /// Peak resident memory of this process in MiB (`VmHWM`, reported in kB).
@@ -203,7 +176,7 @@ fn run_one(spec: &RunSpec, options: &Options) -> BenchResult<()> {
     }
     println!(
         "{} {} {} {}",
-        median(seconds),
+        bench_support::median(seconds),
         peak_rss_mib()?,
         network.modules.len(),
         parameter_count
@@ -285,7 +258,7 @@ fn main() -> BenchResult<()> {
         return run_one(&spec, &options);
     }
 
-    let config = bench_config();
+    let config = bench_support::mid_size_dit_config(TEXT_WIDTH);
     let directory = std::env::temp_dir().join(format!("flux2-bench-train-{}", std::process::id()));
     std::fs::create_dir_all(&directory)?;
     let path = directory.join("dit.safetensors");

@@ -1,5 +1,9 @@
 //! What the benchmark programs share: running a reference script of `tools/bench` with the
-//! PyTorch virtual environment (`$FLUX2_REF_PYTHON`, else `/work/venv-ref/bin/python`).
+//! PyTorch virtual environment (`$FLUX2_REF_PYTHON`, else `/work/venv-ref/bin/python`), the
+//! mid-size DiT configuration, option parsing and the median.
+
+// Each benchmark program compiles this module and uses a subset of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,4 +37,63 @@ pub fn run_reference(script: &str, arguments: &[String]) -> Result<String, Strin
         return Err(format!("{} failed: {}", script.display(), tail.join(" | ")));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The mid-size DiT every CPU benchmark uses (hidden 512 = 8 heads x 64, 2 double + 4 single
+/// blocks, RoPE 4 x 16, no guidance embedding); the `tools/bench` scripts build the same one.
+pub fn mid_size_dit_config(text_width: usize) -> flux2_tuner::models::dit::DitConfig {
+    flux2_tuner::models::dit::DitConfig {
+        in_channels: 128,
+        context_in_dim: text_width,
+        hidden_size: 512,
+        num_heads: 8,
+        depth: 2,
+        depth_single_blocks: 4,
+        mlp_hidden_size: 3 * 512,
+        axes_dim: [16; 4],
+        theta: 2000.0,
+        guidance_embed: false,
+    }
+}
+
+/// `--threads`, `--warmup` and `--iterations`.
+pub struct Options {
+    pub threads: usize,
+    pub warmup: usize,
+    pub iterations: usize,
+}
+
+/// Parses the options from the command line, starting from `defaults`.
+pub fn parse_options(defaults: Options) -> Result<Options, Box<dyn std::error::Error>> {
+    let mut options = defaults;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value: usize = args
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value"))?
+            .parse()?;
+        match flag.as_str() {
+            "--threads" => options.threads = value,
+            "--warmup" => options.warmup = value,
+            "--iterations" => options.iterations = value.max(1),
+            _ => {
+                return Err(format!(
+                    "unknown option {flag}; expected --threads, --warmup, --iterations"
+                )
+                .into())
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// The median of timings (the mean of the two middle ones for an even count).
+pub fn median(mut seconds: Vec<f64>) -> f64 {
+    seconds.sort_by(f64::total_cmp);
+    let middle = seconds.len() / 2;
+    if seconds.len() % 2 == 0 {
+        (seconds[middle - 1] + seconds[middle]) / 2.0
+    } else {
+        seconds[middle]
+    }
 }
