@@ -26,6 +26,10 @@ pub enum Command {
     /// Train a LoRA on cached latents and text-encoder outputs, as Musubi's
     /// flux_2_train_network.py.
     Train(Box<crate::train::TrainArgs>),
+    /// Print the expected peak device memory of a `train` or `generate` command line, broken
+    /// down, whether it fits --vram_gb and the cheapest settings that would (`plan train ...`,
+    /// `plan generate ...`, with the same flags). Nothing is loaded.
+    Plan(crate::plan::PlanArgs),
     /// Check a DiT checkpoint without running it: infers its configuration, checks every key,
     /// shape and dtype, and says which FLUX.2 version it is.
     Inspect(InspectArgs),

@@ -13,6 +13,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Selftest(args) => crate::selftest::run(&args),
         Command::Generate(args) => crate::generate::run(&args),
         Command::Train(args) => crate::train::run(&args),
+        Command::Plan(args) => crate::plan::run(&args),
         Command::CacheLatents(args) => crate::cache_latents::run(&args),
         Command::CacheTextEncoderOutputs(args) => crate::cache_text::run(&args),
     }

@@ -23,20 +23,59 @@ pub fn parse_device(value: Option<&str>) -> Result<Device> {
     }
 }
 
-/// The attention implementation (one built-in kernel; Musubi's names are accepted).
+/// The attention implementation, by Musubi's `--attn_mode` names: `torch` and `sdpa` are the
+/// composed attention (matmuls and a softmax, on every device), `flash` the fused kernel on CUDA
+/// (bf16; the composed attention on the CPU and for other dtypes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionMode {
-    BuiltIn,
+    Composed,
+    Flash,
 }
 
 impl AttentionMode {
     pub fn parse(value: &str) -> Result<Self> {
         match value {
-            "torch" | "sdpa" | "flash" => Ok(Self::BuiltIn),
+            "torch" | "sdpa" => Ok(Self::Composed),
+            "flash" => Ok(Self::Flash),
             "xformers" | "sageattn" => {
-                bail!("--attn_mode {value}: not available here; use torch, sdpa or flash (the built-in attention)")
+                bail!("--attn_mode {value}: not available here; use torch or sdpa (the composed attention) or flash (the fused CUDA kernel)")
             }
             other => bail!("--attn_mode: `{other}` is not one of torch, sdpa, flash"),
+        }
+    }
+
+    /// The training mode from `--attn_mode` and Musubi's training switches `--sdpa` /
+    /// `--flash_attn` (which must not contradict each other or `--attn_mode`); default composed.
+    pub fn resolve(attn_mode: Option<&str>, sdpa: bool, flash_attn: bool) -> Result<Self> {
+        if sdpa && flash_attn {
+            bail!("--sdpa and --flash_attn: choose one attention");
+        }
+        let switch = match (sdpa, flash_attn) {
+            (true, _) => Some(("--sdpa", Self::Composed)),
+            (_, true) => Some(("--flash_attn", Self::Flash)),
+            _ => None,
+        };
+        match (attn_mode.map(Self::parse).transpose()?, switch) {
+            (Some(mode), Some((flag, implied))) if mode != implied => bail!(
+                "--attn_mode {} contradicts {flag}: give one of them",
+                attn_mode.unwrap_or_default()
+            ),
+            (Some(mode), _) => Ok(mode),
+            (None, Some((_, implied))) => Ok(implied),
+            (None, None) => Ok(Self::Composed),
+        }
+    }
+
+    /// Makes the models use this attention on `device` from now on (process-wide).
+    pub fn apply(self, device: &Device) {
+        use flux2_tuner::nn::flash::{select, AttentionKernel};
+        match self {
+            Self::Flash if device.is_cuda() => select(AttentionKernel::Fused),
+            Self::Flash => {
+                eprintln!("note: --attn_mode flash: the fused kernel runs on CUDA; the CPU uses the composed attention");
+                select(AttentionKernel::Composed);
+            }
+            Self::Composed => select(AttentionKernel::Composed),
         }
     }
 }

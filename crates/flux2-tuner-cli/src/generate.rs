@@ -127,13 +127,17 @@ pub struct GenerateArgs {
     /// cpu or cuda (cuda needs a build with `--features cuda`). Default: cuda when available.
     #[arg(long)]
     pub device: Option<String>,
-    /// Attention kernel: torch / sdpa / flash (all mean the built-in attention here).
+    /// Attention: torch / sdpa (composed matmuls and softmax) or flash (the fused CUDA kernel for
+    /// bf16; composed on the CPU); xformers and sageattn are not available.
     #[arg(long, default_value = "torch")]
     pub attn_mode: String,
-    /// Number of DiT blocks kept in host memory and copied to the GPU when used.
+    /// Keep the Linear weights of N DiT blocks in host memory and copy each to the device just
+    /// before use, the next one while the current one computes. Musubi's split: one double block
+    /// counts as two single blocks, double = round(N / (1 + r/2)) with r = singles / doubles, at
+    /// most n - 2 of each type. Maxima: dev 29, klein-4B 13, klein-9B 16.
     #[arg(long, default_value_t = 0)]
     pub blocks_to_swap: usize,
-    /// Pinned host memory for block swap.
+    /// Refused: candle has no pinned host memory; the swap copies from pageable memory.
     #[arg(long)]
     pub use_pinned_memory_for_block_swap: bool,
     /// Musubi's numpy memmap switch; loading here is always memory-mapped.
@@ -142,6 +146,14 @@ pub struct GenerateArgs {
     /// torch.compile (not applicable here: refused with an explanation).
     #[arg(long)]
     pub compile: bool,
+    // Memory plan (issue 9; `plan.rs`).
+    /// Print the expected peak device memory of this command line, broken down, and exit
+    /// without loading anything (same as `flux2-tuner plan generate ...`).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Device memory to fit, in GiB, for --dry_run (default: asked from the CUDA device).
+    #[arg(long)]
+    pub vram_gb: Option<f64>,
 }
 
 /// What to write.
@@ -174,9 +186,7 @@ fn refuse_unsupported(args: &GenerateArgs) -> Result<()> {
     if args.compile {
         bail!("--compile: torch.compile does not exist in this program; remove the flag");
     }
-    if args.blocks_to_swap > 0 || args.use_pinned_memory_for_block_swap {
-        bail!("--blocks_to_swap / --use_pinned_memory_for_block_swap: block swap is not implemented yet");
-    }
+    flux2_tuner::offload::refuse_block_swap_variants(args.use_pinned_memory_for_block_swap, false)?;
     if (args.fp8 || args.fp8_scaled) && args.save_merged_model.is_some() {
         bail!("--save_merged_model writes the merged model in its original dtype: leave out --fp8 / --fp8_scaled");
     }
@@ -358,10 +368,14 @@ fn save_latent(
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
+    if args.dry_run {
+        return crate::plan::dry_run_generate(args);
+    }
     refuse_unsupported(args)?;
     let version: ModelVersion = args.model_version.parse()?;
     let output = output_type(&args.output_type)?;
     let device = parse_device(args.device.as_deref())?;
+    AttentionMode::parse(&args.attn_mode)?.apply(&device);
     if args.lycoris {
         eprintln!("note: --lycoris is not needed: LoHa/LoKr files are recognised by their keys");
     }
@@ -394,6 +408,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         } else {
             Fp8Mode::Off
         },
+        blocks_to_swap: args.blocks_to_swap,
     };
     if let Some(target) = &args.save_merged_model {
         let mut observer = StepProgress::new();

@@ -13,11 +13,14 @@ mod commands;
 mod config_file;
 mod device;
 mod generate;
+mod plan;
 mod progress;
 mod selftest;
 mod train;
+mod train_samples;
 
 fn main() -> ExitCode {
+    flux2_tuner::util::memory::keep_freed_buffers();
     let arguments = match config_file::expand(std::env::args().collect()) {
         Ok(arguments) => arguments,
         Err(error) => {

@@ -29,7 +29,11 @@ pub struct TrainArgs {
     /// AE file (for sample images during training; recorded in the metadata).
     #[arg(long)]
     pub vae: Option<PathBuf>,
-    /// Text encoder (for sample prompts).
+    /// AE dtype for sample images: float32 (default for FLUX.2, as Musubi) or bfloat16.
+    #[arg(long)]
+    pub vae_dtype: Option<String>,
+    /// Text encoder for --sample_prompts (Mistral-3 for dev, Qwen3 for klein; a file or the
+    /// first shard). Loaded once before training to encode the sample prompts, then freed.
     #[arg(long)]
     pub text_encoder: Option<PathBuf>,
     /// Dataset TOML (Musubi's format); run cache-latents and cache-text-encoder-outputs first.
@@ -60,10 +64,16 @@ pub struct TrainArgs {
     /// Continue from this LoRA file.
     #[arg(long)]
     pub network_weights: Option<PathBuf>,
-    /// Optimizer: AdamW.
+    /// Optimizer (as Musubi): AdamW, AdamW8bit, Adafactor (built-ins, any case);
+    /// prodigyopt.Prodigy, lion_pytorch.Lion, bitsandbytes.optim.Lion,
+    /// bitsandbytes.optim.AdamW8bit, transformers.optimization.Adafactor (Python paths; plain
+    /// Prodigy and Lion are accepted too). Adafactor defaults to relative_step=True: its own
+    /// rate, with --learning_rate as the initial one and the adafactor schedule (no warmup).
     #[arg(long, default_value = "AdamW")]
     pub optimizer_type: String,
-    /// key=value optimizer options (weight_decay, eps, betas=(0.9,0.999)).
+    /// key=value optimizer options, values as Python literals (e.g. weight_decay=0.01
+    /// betas=(0.9,0.999) relative_step=False d_coef=2); an unknown key is an error listing the
+    /// optimizer's keys.
     #[arg(long, num_args = 1..)]
     pub optimizer_args: Vec<String>,
     #[arg(long, default_value_t = 2e-6)]
@@ -167,10 +177,14 @@ pub struct TrainArgs {
     pub metadata_reso: Option<String>,
     #[arg(long)]
     pub metadata_arch: Option<String>,
-    /// Accepted for Musubi compatibility: attention is the built-in kernel.
+    /// Attention: torch / sdpa (composed) or flash (the fused CUDA kernel for bf16; composed on
+    /// the CPU). Default: from --sdpa / --flash_attn, else torch.
+    #[arg(long)]
+    pub attn_mode: Option<String>,
+    /// Musubi's switch: the composed attention (as --attn_mode sdpa).
     #[arg(long)]
     pub sdpa: bool,
-    /// Accepted for Musubi compatibility: attention is the built-in kernel.
+    /// Musubi's switch: the fused CUDA attention kernel (as --attn_mode flash).
     #[arg(long)]
     pub flash_attn: bool,
     /// Refused: not available.
@@ -185,31 +199,48 @@ pub struct TrainArgs {
     /// Accepted: attention always handles the batch at once.
     #[arg(long)]
     pub split_attn: bool,
-    /// Not implemented yet (refused).
+    /// fp8 DiT: with --fp8_scaled, the block linears (the LoRA targets) are stored as F8E4M3 with
+    /// one scale per 64 inputs, quantised while loading and dequantised on use; the rest stays in
+    /// the compute dtype. Alone it is refused (Musubi casts the whole DiT unscaled).
     #[arg(long)]
     pub fp8_base: bool,
-    /// Not implemented yet (refused).
+    /// Block-wise scaled fp8 for --fp8_base (required with it, as the FLUX.2 docs say).
     #[arg(long)]
     pub fp8_scaled: bool,
-    /// Not implemented yet (refused).
+    /// Store the text encoder's linears as F8E4M3 while encoding the sample prompts (Qwen3 /
+    /// klein only, as Musubi).
     #[arg(long)]
     pub fp8_text_encoder: bool,
-    /// Not implemented yet (refused).
+    /// Keep the Linear weights of N blocks in host memory and copy each to the device just before
+    /// use, the next one while the current one computes (forward, then reverse for the backward;
+    /// without --gradient_checkpointing the step then also runs block-wise). Musubi's split: one
+    /// double block counts as two single blocks, double = round(N / (1 + r/2)) with r = singles /
+    /// doubles, at most n - 2 of each type. Maxima: dev 29, klein-4B 13, klein-9B 16.
     #[arg(long)]
     pub blocks_to_swap: Option<usize>,
-    /// Not implemented yet (refused).
+    /// Refused: candle has no pinned host memory; the swap copies from pageable memory.
+    #[arg(long)]
+    pub use_pinned_memory_for_block_swap: bool,
+    /// Refused: Musubi's CUDA-only streaming offloader (evenly spaced blocks, ring of buffers).
+    #[arg(long)]
+    pub block_swap_h2d_only: bool,
+    /// With --gradient_checkpointing: keep the activations saved at block boundaries in host
+    /// memory, copied back to the device for each block's recompute (an error without it).
     #[arg(long)]
     pub gradient_checkpointing_cpu_offload: bool,
-    /// Not implemented yet (refused).
+    /// Sample prompts (.txt with inline options --w --h --d --s --g --fs --n --ci, .toml with
+    /// [prompt] defaults and [[prompt.subset]] entries, or .json); images go to
+    /// OUTPUT_DIR/sample/ with their parameters. Needs --vae and --text_encoder. Defaults:
+    /// 256x256, 20 steps, guidance 4.0; without --d a seed fixed per run and prompt.
     #[arg(long)]
     pub sample_prompts: Option<PathBuf>,
-    /// Not implemented yet (refused).
+    /// Write samples after every N optimizer steps.
     #[arg(long)]
     pub sample_every_n_steps: Option<usize>,
-    /// Not implemented yet (refused).
+    /// Write samples at the end of every N epochs.
     #[arg(long)]
     pub sample_every_n_epochs: Option<usize>,
-    /// Not implemented yet (refused).
+    /// Write samples before the first step (also when resuming, named by the resumed step).
     #[arg(long)]
     pub sample_at_first: bool,
     /// Write TensorBoard event files (loss, average loss, lr, timestep histogram) and a JSONL log
@@ -244,9 +275,50 @@ pub struct TrainArgs {
     /// torch.compile does not exist here (refused).
     #[arg(long)]
     pub compile: bool,
+    // Memory plan (issue 9; `plan.rs`).
+    /// Print the expected peak device memory of this command line, broken down, and exit
+    /// without loading anything (same as `flux2-tuner plan train ...`).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Device memory to fit, in GiB, for --dry_run (default: asked from the CUDA device).
+    #[arg(long)]
+    pub vram_gb: Option<f64>,
+    // Beyond Musubi: caption dropout and validation loss (sd-scripts' flag names).
+    /// Probability (0..1) of training an item on the empty-prompt embedding instead of its
+    /// caption's (written by cache-text-encoder-outputs next to the text caches). Decided per item
+    /// from --seed, epoch and batch, so --resume stays exact.
+    #[arg(long, default_value_t = 0.0)]
+    pub caption_dropout_rate: f64,
+    /// Held-out dataset TOML (Musubi's format, cached like the training set): its loss is logged
+    /// as loss/validation at fixed timesteps and noise, without gradients.
+    #[arg(long)]
+    pub validation_dataset_config: Option<PathBuf>,
+    /// Validate every N steps (needs --validation_dataset_config).
+    #[arg(long)]
+    pub validate_every_n_steps: Option<usize>,
+    /// Validate at the end of every N epochs (default: every epoch).
+    #[arg(long)]
+    pub validate_every_n_epochs: Option<usize>,
+    /// Use at most N validation batches per evaluation (default: all).
+    #[arg(long)]
+    pub max_validation_steps: Option<usize>,
+    /// Seed of the validation noise (default: --seed).
+    #[arg(long)]
+    pub validation_seed: Option<u64>,
+    /// Validation timesteps in 0..1000 (noise level t/1000), e.g. 200,400,600,800; default: four
+    /// evenly spaced inside --min_timestep..--max_timestep.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub validation_timesteps: Vec<f64>,
+    // Beyond Musubi: masked loss (sd-scripts' flag name).
+    /// Weight the loss by the masks cache-latents stored for datasets with `alpha_mask = true` or
+    /// `mask_directory` (white trains, black is ignored); the mean is over the whole image, not
+    /// renormalised by the mask, as sd-scripts.
+    #[arg(long)]
+    pub masked_loss: bool,
 }
 
 fn refuse_unsupported(args: &TrainArgs) -> Result<()> {
+    crate::device::AttentionMode::resolve(args.attn_mode.as_deref(), args.sdpa, args.flash_attn)?;
     if let Some(tracker) = &args.log_with {
         if tracker != "tensorboard" {
             bail!("--log_with {tracker}: only tensorboard is available (wandb needs the network)");
@@ -255,7 +327,12 @@ fn refuse_unsupported(args: &TrainArgs) -> Result<()> {
             bail!("--log_with tensorboard needs --logging_dir");
         }
     }
-    let refused: [(&str, bool, &str); 15] = [
+    // Block swap's Musubi side flags (issue 9).
+    flux2_tuner::offload::refuse_block_swap_variants(
+        args.use_pinned_memory_for_block_swap,
+        args.block_swap_h2d_only,
+    )?;
+    let refused: [(&str, bool, &str); 6] = [
         (
             "--xformers",
             args.xformers,
@@ -275,51 +352,6 @@ fn refuse_unsupported(args: &TrainArgs) -> Result<()> {
             "--compile",
             args.compile,
             "torch.compile does not exist in this program",
-        ),
-        (
-            "--fp8_base",
-            args.fp8_base,
-            "fp8 base weights for training are not implemented yet",
-        ),
-        (
-            "--fp8_scaled",
-            args.fp8_scaled,
-            "fp8 base weights for training are not implemented yet",
-        ),
-        (
-            "--fp8_text_encoder",
-            args.fp8_text_encoder,
-            "sampling during training is not implemented yet",
-        ),
-        (
-            "--blocks_to_swap",
-            args.blocks_to_swap.is_some_and(|n| n > 0),
-            "block swap is not implemented yet",
-        ),
-        (
-            "--gradient_checkpointing_cpu_offload",
-            args.gradient_checkpointing_cpu_offload,
-            "not implemented yet",
-        ),
-        (
-            "--sample_prompts",
-            args.sample_prompts.is_some(),
-            "sampling during training is not implemented yet",
-        ),
-        (
-            "--sample_every_n_steps",
-            args.sample_every_n_steps.is_some(),
-            "sampling during training is not implemented yet",
-        ),
-        (
-            "--sample_every_n_epochs",
-            args.sample_every_n_epochs.is_some(),
-            "sampling during training is not implemented yet",
-        ),
-        (
-            "--sample_at_first",
-            args.sample_at_first,
-            "sampling during training is not implemented yet",
         ),
         (
             "--scale_weight_norms",
@@ -343,14 +375,6 @@ fn refuse_unsupported(args: &TrainArgs) -> Result<()> {
                 "--network_module {module}: only networks.lora_flux_2 (LoRA) can be trained here"
             );
         }
-    }
-    let dropout_given = args.network_dropout.is_some()
-        || args
-            .network_args
-            .iter()
-            .any(|a| a.starts_with("rank_dropout") || a.starts_with("module_dropout"));
-    if dropout_given {
-        bail!("--network_dropout / rank_dropout / module_dropout: LoRA dropout is not implemented yet");
     }
     Ok(())
 }
@@ -425,6 +449,8 @@ pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
         learning_rate: args.learning_rate,
         lr_scheduler: args.lr_scheduler.clone(),
         gradient_checkpointing: args.gradient_checkpointing,
+        gradient_checkpointing_cpu_offload: args.gradient_checkpointing_cpu_offload,
+        fp8_base: args.fp8_base,
         gradient_accumulation_steps: args.gradient_accumulation_steps,
         mixed_precision: args.mixed_precision.clone(),
         network_dim: network.dim,
@@ -489,6 +515,7 @@ pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
         max_grad_norm: args.max_grad_norm,
         seed,
         gradient_checkpointing: args.gradient_checkpointing,
+        blocks_to_swap: args.blocks_to_swap.unwrap_or(0),
         save_every_n_epochs: args.save_every_n_epochs,
         save_every_n_steps: args.save_every_n_steps,
         save_state: args.save_state,
@@ -502,7 +529,73 @@ pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
         save_last_n_steps_state: args.save_last_n_steps_state,
         interrupt: None,
         run,
+        caption_dropout_rate: args.caption_dropout_rate,
+        validation: validation_options(args, seed)?,
+        samples: crate::train_samples::sample_options(args, version)?,
+        fp8: fp8_mode(args)?,
+        gradient_checkpointing_cpu_offload: activation_offload(args)?,
+        masked_loss: args.masked_loss,
     })
+}
+
+/// `--fp8_base` / `--fp8_scaled` (issue 9). Musubi's `--fp8_base` alone casts every DiT weight to
+/// unscaled F8E4M3; the FLUX.2 docs say to always add `--fp8_scaled`, and an unscaled cast flushes
+/// weights below 2^-9 to zero, so only the scaled form is offered. `--fp8_scaled` alone fails an
+/// assertion in Musubi.
+fn fp8_mode(args: &TrainArgs) -> Result<flux2_tuner::quant::Fp8Mode> {
+    use flux2_tuner::quant::Fp8Mode;
+    match (args.fp8_base, args.fp8_scaled) {
+        (true, true) => Ok(Fp8Mode::Scaled),
+        (false, false) => Ok(Fp8Mode::Off),
+        (false, true) => bail!("--fp8_scaled needs --fp8_base (as Musubi): add --fp8_base"),
+        (true, false) => bail!(
+            "--fp8_base without --fp8_scaled: Musubi then casts the whole DiT to unscaled fp8,              which the FLUX.2 docs advise against and which flushes small weights to zero; add              --fp8_scaled (block-wise scaled fp8 of the LoRA-targeted linears)"
+        ),
+    }
+}
+
+/// `--gradient_checkpointing_cpu_offload` only acts on checkpointed block inputs; Musubi silently
+/// ignores it without `--gradient_checkpointing`, which would leave the activations on the device
+/// that the user meant to free, so that is an error here.
+fn activation_offload(args: &TrainArgs) -> Result<bool> {
+    if args.gradient_checkpointing_cpu_offload && !args.gradient_checkpointing {
+        bail!(
+            "--gradient_checkpointing_cpu_offload needs --gradient_checkpointing: it moves the              activations that checkpointing saves at block boundaries to host memory (Musubi              ignores it otherwise); add --gradient_checkpointing or drop the flag"
+        );
+    }
+    Ok(args.gradient_checkpointing_cpu_offload)
+}
+
+/// `--validation_dataset_config` and its schedule; the schedule flags need the dataset.
+fn validation_options(
+    args: &TrainArgs,
+    seed: u64,
+) -> Result<Option<flux2_tuner::train::validation::ValidationOptions>> {
+    use flux2_tuner::train::validation::{default_timesteps, ValidationOptions};
+    let Some(dataset_config) = &args.validation_dataset_config else {
+        let given = args.validate_every_n_steps.is_some()
+            || args.validate_every_n_epochs.is_some()
+            || args.max_validation_steps.is_some()
+            || args.validation_seed.is_some()
+            || !args.validation_timesteps.is_empty();
+        if given {
+            bail!("--validate_every_n_steps / --validate_every_n_epochs / --max_validation_steps / --validation_seed / --validation_timesteps need --validation_dataset_config");
+        }
+        return Ok(None);
+    };
+    let timesteps = if args.validation_timesteps.is_empty() {
+        default_timesteps(args.min_timestep, args.max_timestep)
+    } else {
+        args.validation_timesteps.clone()
+    };
+    Ok(Some(ValidationOptions {
+        dataset_config: dataset_config.clone(),
+        every_n_steps: args.validate_every_n_steps,
+        every_n_epochs: args.validate_every_n_epochs,
+        timesteps,
+        seed: args.validation_seed.unwrap_or(seed),
+        max_steps: args.max_validation_steps,
+    }))
 }
 
 /// A progress bar with loss, learning rate, s/it and ETA.
@@ -534,16 +627,38 @@ impl TrainObserver for TrainProgress {
         }
     }
 
+    fn validation(&mut self, step: usize, loss: f64) {
+        let line = format!("step {step}: validation loss {loss:.5}");
+        match &self.bar {
+            // A hidden bar (output not a terminal) prints nothing.
+            Some(bar) if !bar.is_hidden() => bar.println(line),
+            _ => eprintln!("{line}"),
+        }
+    }
+
     fn saved(&mut self, path: &Path) {
         match &self.bar {
             Some(bar) => bar.println(format!("saved {}", path.display())),
             None => eprintln!("saved {}", path.display()),
         }
     }
+
+    fn sampled(&mut self, path: &Path) {
+        // A hidden bar (stderr not a terminal) drops its println: print directly then.
+        match self.bar.as_ref().filter(|bar| !bar.is_hidden()) {
+            Some(bar) => bar.println(format!("sample {}", path.display())),
+            None => eprintln!("sample {}", path.display()),
+        }
+    }
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
+    if args.dry_run {
+        return crate::plan::dry_run_train(args);
+    }
     let mut options = options(args)?;
+    crate::device::AttentionMode::resolve(args.attn_mode.as_deref(), args.sdpa, args.flash_attn)?
+        .apply(&options.device);
     // Ctrl-C / SIGTERM: finish the current step, save the LoRA and a resumable state, then exit.
     let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = interrupt.clone();

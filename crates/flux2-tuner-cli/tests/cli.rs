@@ -394,7 +394,7 @@ fn bad_inputs_are_named() {
     check(
         &["--blocks_to_swap", "2"],
         None,
-        &["--blocks_to_swap", "not implemented"],
+        &["--blocks_to_swap", "cannot swap any block"],
     );
     check(
         &[],

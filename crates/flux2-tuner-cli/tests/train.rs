@@ -206,6 +206,35 @@ fn cache_train_resume_and_generate_agree() {
         );
     }
 
+    // 2b. LoRA dropouts from the command line: the run trains, its losses differ from the run
+    // without dropout, and the file records the dropout.
+    let dropped = dir.join("dropout");
+    let mut dropout_args = train_args(&config, &dropped, 3);
+    dropout_args.extend(strings(&[
+        "--network_dropout",
+        "0.3",
+        "--network_args",
+        "rank_dropout=0.2",
+        "module_dropout=0.1",
+    ]));
+    run(&dropout_args);
+    let dropout_losses = losses(&dropped.join("logs"));
+    assert_eq!(dropout_losses.len(), 3);
+    assert!(dropout_losses.iter().all(|l| l.is_finite()));
+    assert!(
+        dropout_losses
+            .iter()
+            .zip(&full_losses)
+            .skip(1)
+            .any(|(a, b)| a != b),
+        "dropout changed nothing: {dropout_losses:?} vs {full_losses:?}"
+    );
+    let dropout_metadata = Checkpoint::open(&dropped.join("e2e.safetensors"))
+        .unwrap()
+        .metadata()
+        .clone();
+    assert_eq!(dropout_metadata["ss_network_dropout"], "0.3");
+
     // 3. Ctrl-C (SIGINT) saves the LoRA and a resumable state, and exits cleanly.
     let interrupted = dir.join("interrupted");
     let mut long_run = train_args(&config, &interrupted, 100_000);

@@ -134,6 +134,7 @@ fn time_pytorch(options: &Options) -> std::result::Result<(f64, f64, String), St
 }
 
 fn main() -> BenchResult<()> {
+    flux2_tuner::util::memory::keep_freed_buffers();
     let options = parse_options()?;
     // candle's CPU kernels run on rayon's global pool, which reads this on first use.
     std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());

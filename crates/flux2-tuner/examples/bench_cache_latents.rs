@@ -113,6 +113,7 @@ fn time_pytorch(options: &Options) -> std::result::Result<(f64, String), String>
 }
 
 fn main() -> BenchResult<()> {
+    flux2_tuner::util::memory::keep_freed_buffers();
     let options = parse_options()?;
     // candle's CPU kernels run on rayon's global pool, which reads this on first use.
     std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());

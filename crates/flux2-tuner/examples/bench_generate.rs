@@ -147,6 +147,7 @@ fn time_pytorch(
 }
 
 fn main() -> BenchResult<()> {
+    flux2_tuner::util::memory::keep_freed_buffers();
     let options = bench_support::parse_options(bench_support::Options {
         threads: 2,
         warmup: 1,

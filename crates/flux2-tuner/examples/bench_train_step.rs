@@ -76,6 +76,13 @@ fn parse_options() -> BenchResult<(Options, Option<RunSpec>)> {
             "--threads" => options.threads = value()?.parse()?,
             "--warmup" => options.warmup = value()?.parse()?,
             "--iterations" => options.iterations = value()?.parse::<usize>()?.max(1),
+            // Writes the benchmark's random checkpoint and exits (for profiling one `--run`).
+            "--write" => {
+                let path = PathBuf::from(value()?);
+                let config = bench_support::mid_size_dit_config(TEXT_WIDTH);
+                write_random_dit(&config, &path, 0, DType::F32)?;
+                std::process::exit(0);
+            }
             "--run" => {
                 let checkpoint = PathBuf::from(value()?);
                 let dtype = match value()?.as_str() {
@@ -91,7 +98,7 @@ fn parse_options() -> BenchResult<(Options, Option<RunSpec>)> {
             }
             _ => {
                 return Err(format!(
-                    "unknown option {flag}; expected --threads, --warmup, --iterations"
+                    "unknown option {flag}; expected --threads, --warmup, --iterations, --write"
                 )
                 .into())
             }
@@ -251,6 +258,7 @@ fn run_pytorch(options: &Options) -> std::result::Result<serde_json::Value, Stri
 }
 
 fn main() -> BenchResult<()> {
+    flux2_tuner::util::memory::keep_freed_buffers();
     let (options, run) = parse_options()?;
     // candle's CPU matmul and rayon both read this; set it before the first tensor op.
     std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());

@@ -92,6 +92,7 @@ fn run_variant(variant: &str, length: usize, iterations: usize) -> BenchResult<(
 }
 
 fn main() -> BenchResult<()> {
+    flux2_tuner::util::memory::keep_freed_buffers();
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str, default: usize| -> BenchResult<usize> {
         match args.iter().position(|a| a == flag) {

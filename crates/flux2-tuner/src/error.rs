@@ -83,6 +83,9 @@ pub enum Error {
 
     #[error("{path}: {message}")]
     Image { path: PathBuf, message: String },
+
+    #[error("block swap: {0}")]
+    BlockSwap(String),
 }
 
 /// Result with the library's [`Error`].

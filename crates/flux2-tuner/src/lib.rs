@@ -23,6 +23,8 @@ pub mod image_io;
 pub mod lora;
 pub mod models;
 pub mod nn;
+pub mod plan;
+pub mod offload;
 pub mod quant;
 pub mod sample;
 pub mod train;

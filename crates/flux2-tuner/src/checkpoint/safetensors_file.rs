@@ -241,6 +241,30 @@ impl SafetensorsFile {
         &self.mmap[self.data_start + entry.start..self.data_start + entry.end]
     }
 
+    /// Drops the mapped pages of a tensor that has just been copied out of the map. Without it
+    /// they stay in the process's resident set until the file is closed, so loading a model peaked
+    /// at up to two copies of its weights (issue 9 point 5). The pages remain in the page cache
+    /// and are read again from it if the tensor is loaded again.
+    #[cfg(unix)]
+    fn release_pages(&self, entry: &TensorEntry) {
+        let offset = self.data_start + entry.start;
+        // SAFETY: the map is a read-only shared mapping of a file: MADV_DONTNEED only unmaps the
+        // pages, and a later access (another tensor on a shared page, the header) faults them in
+        // again with the file's contents, so no reference into the map ever sees other data. A
+        // failure leaves the pages resident, which is harmless.
+        #[allow(unsafe_code)]
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                offset,
+                entry.end - entry.start,
+            );
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn release_pages(&self, _entry: &TensorEntry) {}
+
     /// Loads tensor `key` onto `device`, converted to `dtype`.
     pub fn load(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let entry = self.tensors.get(key).ok_or_else(|| Error::MissingKey {
@@ -257,6 +281,7 @@ impl SafetensorsFile {
         // Loading goes through the host; copying straight from the mmap keeps one copy at a time.
         let tensor =
             Tensor::from_raw_buffer(self.bytes(entry), stored, &entry.shape, &Device::Cpu)?;
+        self.release_pages(entry);
         let tensor = if stored == dtype {
             tensor
         } else if stored == DType::F8E4M3 && dtype != DType::F32 {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
+use super::mask::loss_mask_key;
 use crate::checkpoint::{save_safetensors, Checkpoint};
 use crate::error::{Error, Result};
 
@@ -182,11 +183,13 @@ fn without_nan(tensor: &Tensor) -> Result<Tensor> {
 }
 
 /// Writes a latent cache: `latent` `[128, h, w]` and one `[128, hi, wi]` per control, all in the
-/// dtype they come in (the key suffix names it).
+/// dtype they come in (the key suffix names it), plus the optional `[1, h, w]` f32 loss mask
+/// (beyond Musubi, see `data::mask`).
 pub fn write_latent_cache(
     path: &Path,
     latent: &Tensor,
     controls: &[Tensor],
+    loss_mask: Option<&Tensor>,
     architecture: &str,
     original_size: (u32, u32),
 ) -> Result<()> {
@@ -205,6 +208,10 @@ pub fn write_latent_cache(
             ),
             without_nan(control)?,
         ));
+    }
+    if let Some(mask) = loss_mask {
+        let (_, height, width) = mask.dims3()?;
+        tensors.push((loss_mask_key(height, width), mask.to_dtype(DType::F32)?));
     }
     let metadata = HashMap::from([
         (

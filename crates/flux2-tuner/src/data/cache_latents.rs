@@ -21,6 +21,7 @@ use super::cache::{
     list_leftover_temporaries, write_latent_cache,
 };
 use super::config::{DatasetConfig, DatasetSource, DatasetSpec};
+use super::mask::{load_latent_mask, loss_mask_key_base, MaskIndex, MaskSource};
 use super::observer::{CacheObserver, CacheSummary, ItemOutcome};
 use super::source::{discover_items, image_size, DatasetItem};
 use crate::checkpoint::Checkpoint;
@@ -57,6 +58,8 @@ struct Plan {
     bucket: (u32, u32),
     control_sizes: Vec<(u32, u32)>,
     cache_path: PathBuf,
+    /// Where the loss mask comes from, for datasets with `alpha_mask` / `mask_directory`.
+    mask: Option<MaskSource>,
 }
 
 /// A planned item whose pixels are loaded and resized, ready for the AE.
@@ -64,6 +67,8 @@ struct Prepared {
     plan: Plan,
     image: RgbImage,
     controls: Vec<RgbImage>,
+    /// `[1, h, w]` f32 loss mask on the latent grid.
+    mask: Option<Tensor>,
 }
 
 /// Items waiting for a full batch: target bucket, control sizes, items.
@@ -132,7 +137,9 @@ fn plan_item(
     spec: &DatasetSpec,
     selector: &BucketSelector,
     architecture: &str,
+    masks: &MaskIndex,
 ) -> Result<Plan> {
+    let mask = masks.source_for(&item.image_path)?;
     let original_size = image_size(&item.image_path)?;
     let bucket = selector.bucket(original_size);
     if bucket.0 == 0 || bucket.1 == 0 {
@@ -158,6 +165,7 @@ fn plan_item(
         original_size,
         bucket,
         control_sizes,
+        mask,
     })
 }
 
@@ -166,6 +174,9 @@ fn is_up_to_date(plan: &Plan) -> bool {
     let mut expected = vec![latent_key_base(plan.bucket)];
     for (index, size) in plan.control_sizes.iter().enumerate() {
         expected.push(control_key_base(index, *size));
+    }
+    if plan.mask.is_some() {
+        expected.push(loss_mask_key_base(plan.bucket));
     }
     expected.sort();
     plan.cache_path.is_file() && cache_key_bases(&plan.cache_path) == Some(expected)
@@ -186,8 +197,9 @@ fn prepare(
     selector: &BucketSelector,
     architecture: &str,
     skip_existing: bool,
+    masks: &MaskIndex,
 ) -> Result<Work> {
-    let plan = plan_item(item, spec, selector, architecture)?;
+    let plan = plan_item(item, spec, selector, architecture, masks)?;
     if skip_existing && is_up_to_date(&plan) {
         return Ok(Work::UpToDate(plan));
     }
@@ -198,10 +210,16 @@ fn prepare(
         .zip(&plan.control_sizes)
         .map(|(path, size)| read_resized(path, *size))
         .collect::<Result<Vec<_>>>()?;
+    let mask = plan
+        .mask
+        .as_ref()
+        .map(|source| load_latent_mask(source, &item.image_path, plan.bucket))
+        .transpose()?;
     Ok(Work::Encode(Box::new(Prepared {
         plan,
         image,
         controls,
+        mask,
     })))
 }
 
@@ -250,6 +268,7 @@ fn encode_batch(
                 &prepared.plan.cache_path,
                 &latents.get(index)?,
                 &controls,
+                prepared.mask.as_ref(),
                 architecture,
                 prepared.plan.original_size,
             )?;
@@ -272,19 +291,29 @@ pub fn cache_latents(
     let start = Instant::now();
     let architecture = options.version.info().cache_architecture;
     let mut listed = Vec::new();
+    let mut mask_indexes = Vec::new();
     for spec in &config.datasets {
         check_image_dataset(spec)?;
         observer.phase(&format!("listing {}", spec.name()));
-        listed.push(discover_items(spec)?);
+        let items = discover_items(spec)?;
+        // Missing or ambiguous masks stop the run before the AE loads (or are listed per item).
+        let masks = MaskIndex::for_dataset(spec)?;
+        if !options.skip_bad_images {
+            for item in &items {
+                masks.source_for(&item.image_path)?;
+            }
+        }
+        listed.push(items);
+        mask_indexes.push(masks);
     }
     observer.phase(&format!("loading AE {}", options.vae.display()));
     let checkpoint = Checkpoint::open(&options.vae)?;
     let ae = AutoEncoder::load(&checkpoint, options.vae_dtype, &options.device)?;
     observer.started(listed.iter().map(Vec::len).sum());
     let mut summary = CacheSummary::default();
-    for (spec, items) in config.datasets.iter().zip(&listed) {
+    for ((spec, items), masks) in config.datasets.iter().zip(&listed).zip(&mask_indexes) {
         observer.phase(&format!("encoding {}", spec.name()));
-        let produced = cache_dataset(&ae, spec, items, options, &mut summary, observer)?;
+        let produced = cache_dataset(&ae, spec, items, masks, options, &mut summary, observer)?;
         let existing = list_cache_files(&spec.cache_directory, architecture, false)?;
         summary.clean_stale(observer, &existing, &produced, options.keep_cache)?;
         let leftovers = list_leftover_temporaries(&spec.cache_directory, architecture, false)?;
@@ -301,6 +330,7 @@ fn cache_dataset(
     ae: &AutoEncoder,
     spec: &DatasetSpec,
     items: &[DatasetItem],
+    masks: &MaskIndex,
     options: &LatentCacheOptions,
     summary: &mut CacheSummary,
     observer: &mut dyn CacheObserver,
@@ -318,7 +348,14 @@ fn cache_dataset(
                 .map(|item| {
                     let selector = &selector;
                     scope.spawn(move || {
-                        prepare(item, spec, selector, architecture, options.skip_existing)
+                        prepare(
+                            item,
+                            spec,
+                            selector,
+                            architecture,
+                            options.skip_existing,
+                            masks,
+                        )
                     })
                 })
                 .collect();

@@ -153,6 +153,8 @@ pub fn cache_text_encoder_outputs(
         let leftovers = list_leftover_temporaries(&spec.cache_directory, architecture, true)?;
         summary.clean_stale(observer, &leftovers, produced, false)?;
     }
+    // The empty-prompt embedding for `train --caption_dropout_rate`, once per cache directory.
+    super::empty_prompt::write_empty_prompt_caches(config, options, &mut encoder, observer)?;
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }

@@ -64,6 +64,9 @@ const IMAGE_ONLY: &[(&str, Kind)] = &[
     ("fp_1f_no_post", Kind::Bool),
     ("no_resize_control", Kind::Bool),
     ("control_resolution", Kind::IntOrPair),
+    // Beyond Musubi (masked loss, see `data::mask`): Musubi's schema refuses these two keys.
+    ("alpha_mask", Kind::Bool),
+    ("mask_directory", Kind::Str),
 ];
 
 /// Keys of video datasets only (`VIDEO_DATASET_DISTINCT_SCHEMA`).
@@ -120,6 +123,10 @@ pub struct DatasetSpec {
     pub control_resolution: Option<(u32, u32)>,
     /// Qwen-Image-Layered only; accepted and refused by the FLUX.2 cache jobs when true.
     pub multiple_target: bool,
+    /// Beyond Musubi: cache a loss mask from each image's alpha channel (opaque without one).
+    pub alpha_mask: bool,
+    /// Beyond Musubi: cache a loss mask from the greyscale image with the image's stem here.
+    pub mask_directory: Option<PathBuf>,
 }
 
 impl DatasetSpec {
@@ -258,6 +265,9 @@ impl DatasetConfig {
             self.check_path(spec, key, path, directory)?;
             if let Some(control) = &spec.control_directory {
                 self.check_path(spec, "control_directory", control, true)?;
+            }
+            if let Some(masks) = &spec.mask_directory {
+                self.check_path(spec, "mask_directory", masks, true)?;
             }
         }
         Ok(())
@@ -450,6 +460,17 @@ fn resolve_dataset(
         .get("multiple_target")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let alpha_mask = table
+        .get("alpha_mask")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mask_directory = path_of("mask_directory");
+    if alpha_mask && mask_directory.is_some() {
+        return Err(format!(
+            "{section}: set either `alpha_mask = true` or `mask_directory`, not both (one loss \
+             mask per image)"
+        ));
+    }
 
     if !enable_bucket
         && (resolution.0 % RESOLUTION_STEPS != 0 || resolution.1 % RESOLUTION_STEPS != 0)
@@ -485,6 +506,8 @@ fn resolve_dataset(
         no_resize_control,
         control_resolution,
         multiple_target,
+        alpha_mask,
+        mask_directory,
     })
 }
 

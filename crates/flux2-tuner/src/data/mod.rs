@@ -8,6 +8,8 @@ pub mod cache;
 pub mod cache_latents;
 pub mod cache_text;
 pub mod config;
+pub mod empty_prompt;
+pub mod mask;
 pub mod observer;
 pub mod reader;
 pub mod source;

@@ -270,6 +270,60 @@ impl Drop for Tiles {
     }
 }
 
+/// `out = A B` for `A` `[rows, k]` (row-major, contiguous) and `B` packed `[k, n]`, each f32
+/// result passed through `convert` (rounding to bf16, or none). Row blocks run in parallel.
+/// Returns false, leaving `out` untouched, when AMX is unavailable.
+///
+/// # Panics
+/// When `a` holds fewer than `rows * k` values or `out` fewer than `rows * n`.
+pub fn multiply<T: Copy + Send>(
+    a: &[bf16],
+    rows: usize,
+    k: usize,
+    b: &PackedB,
+    n: usize,
+    out: &mut [T],
+    convert: impl Fn(f32) -> T + Sync,
+) -> bool {
+    use rayon::prelude::*;
+    if !available() || rows == 0 {
+        return available();
+    }
+    assert!(a.len() >= rows * k && out.len() >= rows * n, "operands too short");
+    let depth = b.padded_depth();
+    let width = b.padded_columns();
+    out[..rows * n]
+        .par_chunks_mut(BLOCK_ROWS * n)
+        .enumerate()
+        .for_each(|(block, out_rows)| {
+            let Some(tiles) = Tiles::configure() else {
+                return;
+            };
+            let first = block * BLOCK_ROWS;
+            let count = (rows - first).min(BLOCK_ROWS);
+            let a_rows = &a[first * k..];
+            let padded;
+            let (a_block, lda) = if count == BLOCK_ROWS && depth == k {
+                (a_rows, k)
+            } else {
+                padded = padded_block(a_rows, count, k, k, depth);
+                (padded.as_slice(), depth)
+            };
+            crate::nn::host::with_f32_scratch(BLOCK_ROWS * width, |block_out| {
+                tiles.multiply_row_block(a_block, lda, b, block_out, width);
+                crate::nn::host::vectorised(|| {
+                    for (r, out_row) in out_rows.chunks_exact_mut(n).enumerate() {
+                        let values = &block_out[r * width..r * width + n];
+                        for (o, &v) in out_row.iter_mut().zip(values) {
+                            *o = convert(v);
+                        }
+                    }
+                });
+            });
+        });
+    true
+}
+
 /// Copies `rows` rows of `width` values (row stride `stride`) into a zeroed `[32, padded_width]`
 /// block, for row blocks that are short or whose width is not a multiple of 32.
 pub fn padded_block(

@@ -26,6 +26,10 @@ const MAX_SCORE_ELEMENTS: usize = 1 << 26;
 /// # Shapes
 /// `q`, `k`, `v`: `[b, heads, l, d]`; returns `[b, l, heads * d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    // `--attn_mode flash` with bf16 on CUDA: the fused kernel (records its own backward).
+    if crate::nn::flash::applies_to(q) {
+        return crate::nn::flash::attention(q, k, v);
+    }
     if crate::nn::grad_mode::enabled() {
         return crate::nn::trainable::attention(q, k, v);
     }
@@ -38,6 +42,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         }
     }
     attention_by_ops(q, k, v)
+}
+
+/// As [`attention`] inside a model whose weights are `weight_dtype`: while training a bf16 model on
+/// the CPU the activations are f32 (`Flux2Dit::activation_dtype`), and the attention's products
+/// then round their operands to bf16 as the model's own matmuls do.
+pub fn attention_in_model(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    weight_dtype: DType,
+) -> Result<Tensor> {
+    let mixed = weight_dtype == DType::BF16 && q.dtype() == DType::F32 && q.device().is_cpu();
+    if mixed && crate::nn::grad_mode::enabled() {
+        return crate::nn::trainable::attention_with_bf16_products(q, k, v);
+    }
+    attention(q, k, v)
 }
 
 /// The candle-op path (records gradients; any device and dtype).

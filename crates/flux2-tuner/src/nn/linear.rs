@@ -3,12 +3,11 @@
 
 use candle_core::{CpuStorage, DType, Tensor};
 use half::bf16;
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::nn::amx::{self, PackedB, Tiles, BLOCK_ROWS};
+use crate::nn::amx::{self, PackedB};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::{is_plain_cpu, vectorised, with_data, with_f32_scratch};
+use crate::nn::host::{is_plain_cpu, with_data};
 
 /// A low-rank update `scale * up @ down` attached to a [`Linear`].
 #[derive(Debug, Clone)]
@@ -62,36 +61,15 @@ fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
             let (xs, ws) = (bf16_values(xs, x_offset)?, bf16_values(ws, w_offset)?);
             // W^T as the right operand: element (i, o) = W[o, i].
             let packed = PackedB::new(ws, in_features, out_features, 1, in_features);
-            let depth = packed.padded_depth();
-            let width = packed.padded_columns();
-            y.par_chunks_mut(BLOCK_ROWS * out_features)
-                .enumerate()
-                .for_each(|(block, y_rows)| {
-                    let Some(tiles) = Tiles::configure() else {
-                        return;
-                    };
-                    let first = block * BLOCK_ROWS;
-                    let count = (rows - first).min(BLOCK_ROWS);
-                    let x_rows = &xs[first * in_features..];
-                    let padded;
-                    let (a, lda) = if count == BLOCK_ROWS && depth == in_features {
-                        (x_rows, in_features)
-                    } else {
-                        padded = amx::padded_block(x_rows, count, in_features, in_features, depth);
-                        (padded.as_slice(), depth)
-                    };
-                    with_f32_scratch(BLOCK_ROWS * width, |block_out| {
-                        tiles.multiply_row_block(a, lda, &packed, block_out, width);
-                        vectorised(|| {
-                            for (r, y_row) in y_rows.chunks_exact_mut(out_features).enumerate() {
-                                let values = &block_out[r * width..r * width + out_features];
-                                for (o, &v) in y_row.iter_mut().zip(values) {
-                                    *o = round_to_bf16(v);
-                                }
-                            }
-                        });
-                    });
-                });
+            amx::multiply(
+                xs,
+                rows,
+                in_features,
+                &packed,
+                out_features,
+                &mut y,
+                round_to_bf16,
+            );
             Ok(())
         })
     })?;
@@ -158,8 +136,25 @@ impl Linear {
         // Flattening to 2-D lets the GEMM run as one call instead of a batched broadcast.
         let x2 = x.reshape((rows, in_features))?;
         let mut y = if crate::nn::grad_mode::enabled() {
-            // The base weight is frozen: its gradient is never computed.
-            crate::nn::trainable::frozen_linear(&x2, &self.dense_weight(x2.dtype())?)?
+            // The base weight is frozen: its gradient is never computed. A scaled F8E4M3 weight
+            // stays fp8 in the graph and is dequantised again for the backward.
+            match &self.weight_scale {
+                Some(scale) if self.weight.dtype() == DType::F8E4M3 => {
+                    crate::nn::trainable::fp8_frozen_linear(&x2, &self.weight, scale)?
+                }
+                _ => {
+                    let weight = self.dense_weight(x2.dtype())?;
+                    if x2.dtype() == DType::F32
+                        && weight.dtype() == DType::BF16
+                        && x2.device().is_cpu()
+                    {
+                        // bf16 mixed precision on the CPU (see `Flux2Dit::activation_dtype`).
+                        crate::nn::trainable::bf16_weight_linear(&x2, &weight)?
+                    } else {
+                        crate::nn::trainable::frozen_linear(&x2, &weight.to_dtype(x2.dtype())?)?
+                    }
+                }
+            }
         } else {
             let weight = self.dense_weight(x2.dtype())?;
             match amx_product(&x2, &weight)? {

@@ -2,6 +2,7 @@
 
 pub mod amx;
 pub mod attention;
+pub mod flash;
 pub mod fused;
 pub mod grad_mode;
 pub mod host;

@@ -57,6 +57,8 @@ pub struct GeneratorConfig {
     pub no_resize_control: bool,
     /// F8E4M3 block linears (`--fp8` / `--fp8_scaled`), quantised after the LoRAs are merged.
     pub fp8: crate::quant::Fp8Mode,
+    /// `--blocks_to_swap N` (Musubi's split between double and single blocks; 0: off).
+    pub blocks_to_swap: usize,
 }
 
 /// Progress reports of a run.
@@ -141,6 +143,11 @@ pub fn load_loras(config: &GeneratorConfig, dit: &DitConfig) -> Result<Vec<(Lora
 /// Reads headers, LoRA tensors and the tokenizer only.
 pub fn preflight(config: &GeneratorConfig, text: bool, ae: bool) -> Result<Vec<(LoraFile, f64)>> {
     let dit = check_dit_checkpoint(&Checkpoint::open(&config.dit)?, Some(config.version))?;
+    crate::offload::split_blocks_to_swap(
+        config.blocks_to_swap,
+        dit.depth,
+        dit.depth_single_blocks,
+    )?;
     let loras = load_loras(config, &dit)?;
     if text {
         let kind = config.version.info().text_encoder;
@@ -175,11 +182,22 @@ pub fn load_dit(
 ) -> Result<Flux2Dit> {
     observer.phase(&format!("loading DiT {}", config.dit.display()));
     let checkpoint = Checkpoint::open(&config.dit)?;
-    let mut dit = Flux2Dit::load(
+    if config.blocks_to_swap > 0 {
+        return crate::offload::generation::load_swapped_dit(config, &checkpoint, loras, observer);
+    }
+    // fp8 (`--fp8` / `--fp8_scaled`): each block linear is quantised as it is read, unless LoRAs
+    // are merged into the full-precision weights first (as Musubi), then it happens after merging.
+    let quantise_after_merge = config.merge_loras && !loras.is_empty();
+    let mut dit = Flux2Dit::load_with_fp8(
         &checkpoint,
         Some(config.version),
         config.dit_dtype,
         &config.device,
+        if quantise_after_merge {
+            crate::quant::Fp8Mode::Off
+        } else {
+            config.fp8
+        },
     )?;
     for (file, multiplier) in loras {
         observer.phase(&format!(
@@ -187,6 +205,9 @@ pub fn load_dit(
             file.path.display()
         ));
         file.apply(dit.linears_mut(), *multiplier, config.merge_loras)?;
+    }
+    if quantise_after_merge {
+        dit.quantize_blocks(config.fp8)?;
     }
     Ok(dit)
 }

@@ -25,6 +25,7 @@ pub struct RunDescription {
     pub steps: usize,
     pub epoch: usize,
     pub gradient_checkpointing: bool,
+    pub gradient_checkpointing_cpu_offload: bool,
     pub gradient_accumulation_steps: usize,
     pub mixed_precision: String,
     pub fp8_base: bool,
@@ -161,7 +162,10 @@ pub fn build_metadata(
             "ss_gradient_checkpointing",
             python_bool(run.gradient_checkpointing),
         );
-        set("ss_gradient_checkpointing_cpu_offload", "False".into());
+        set(
+            "ss_gradient_checkpointing_cpu_offload",
+            python_bool(run.gradient_checkpointing_cpu_offload),
+        );
         set(
             "ss_gradient_accumulation_steps",
             run.gradient_accumulation_steps.to_string(),

@@ -1,11 +1,16 @@
 //! LoRA training: timestep sampling, the LoRA network, optimizers, schedules and the loop.
 
+pub mod caption_dropout;
 pub mod data;
 pub mod log;
 pub mod lr_schedule;
+pub mod masked_loss;
 pub mod metadata;
 pub mod network;
 pub mod optim;
+pub mod sample_prompts;
+pub mod samples;
 pub mod step;
 pub mod timesteps;
 pub mod trainer;
+pub mod validation;

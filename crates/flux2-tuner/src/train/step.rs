@@ -10,7 +10,8 @@ use crate::models::dit::tokens::{
 };
 use crate::models::dit::{DitInput, Flux2Dit};
 use crate::nn::grad_mode::GradGuard;
-use crate::nn::trainable::checkpointed;
+use crate::nn::trainable::{checkpointed_in, ActivationStore};
+use crate::train::masked_loss::apply_loss_mask;
 
 /// One batch of a step.
 ///
@@ -61,6 +62,8 @@ struct PreparedBatch {
     weights: Tensor,
     height: usize,
     width: usize,
+    /// `[b, 1, h, w]` loss mask (`--masked_loss`, see `masked_loss`).
+    mask: Option<Tensor>,
 }
 
 impl PreparedBatch {
@@ -81,6 +84,7 @@ impl PreparedBatch {
         let tokens = output.narrow(1, 0, self.height * self.width)?;
         let prediction = unpack_tokens(&tokens, self.height, self.width)?;
         let squared = (&prediction - &self.target)?.sqr()?;
+        let squared = apply_loss_mask(&squared, self.mask.as_ref())?;
         let loss = squared.broadcast_mul(&self.weights)?.mean_all()?;
         Ok((loss, prediction))
     }
@@ -123,17 +127,38 @@ fn prepare_batch(dit: &Flux2Dit, batch: &StepBatch) -> Result<PreparedBatch> {
         weights: per_sample(batch.weights, batch.latents)?,
         height,
         width,
+        mask: None,
     })
 }
 
 /// Noises the batch, runs the DiT with gradient recording on (into the LoRA `Var`s attached to
 /// it) and returns `mean(weight * (prediction - (noise - latents))^2)` over all elements.
 pub fn training_forward(dit: &Flux2Dit, batch: &StepBatch) -> Result<StepOutput> {
+    training_forward_masked(dit, batch, None)
+}
+
+/// [`training_forward`] with the squared error weighted by a `[b, 1, h, w]` loss mask
+/// (`--masked_loss`).
+pub fn training_forward_masked(
+    dit: &Flux2Dit,
+    batch: &StepBatch,
+    mask: Option<&Tensor>,
+) -> Result<StepOutput> {
     let _grad = GradGuard::enable();
-    let prepared = prepare_batch(dit, batch)?;
+    let mut prepared = prepare_batch(dit, batch)?;
+    prepared.mask = mask.cloned();
     let output = dit.forward(&prepared.input(batch.text))?;
     let (loss, prediction) = prepared.loss(&output)?;
     Ok(StepOutput { loss, prediction })
+}
+
+/// The loss of [`training_forward`] without recording gradients (validation, `validation.rs`):
+/// the inference kernels, LoRA dropouts off, so no generator is drawn from.
+pub fn evaluation_loss(dit: &Flux2Dit, batch: &StepBatch) -> Result<f32> {
+    let prepared = prepare_batch(dit, batch)?;
+    let output = dit.forward(&prepared.input(batch.text))?;
+    let (loss, _) = prepared.loss(&output)?;
+    Ok(loss.detach().to_scalar::<f32>()?)
 }
 
 /// A finished step: the loss value and the gradient of each parameter (zeros where none).
@@ -170,11 +195,42 @@ pub fn training_step(
     parameters: &[Var],
     checkpointing: bool,
 ) -> Result<StepGradients> {
+    training_step_with(dit, batch, parameters, checkpointing, None)
+}
+
+/// [`training_step`] whose checkpointed block inputs are kept in `store` (in host memory for
+/// `--gradient_checkpointing_cpu_offload`); a store implies checkpointing. Its counters then tell
+/// how many bytes were saved on each side. Without a store they stay on the device.
+pub fn training_step_with(
+    dit: &Flux2Dit,
+    batch: &StepBatch,
+    parameters: &[Var],
+    checkpointing: bool,
+    store: Option<&ActivationStore>,
+) -> Result<StepGradients> {
+    training_step_masked(dit, batch, None, parameters, checkpointing, store)
+}
+
+/// [`training_step_with`] with the squared error weighted by a `[b, 1, h, w]` loss mask
+/// (`--masked_loss`); the weighting is part of the autograd graph in both backward paths.
+pub fn training_step_masked(
+    dit: &Flux2Dit,
+    batch: &StepBatch,
+    mask: Option<&Tensor>,
+    parameters: &[Var],
+    checkpointing: bool,
+    store: Option<&ActivationStore>,
+) -> Result<StepGradients> {
+    let on_device = ActivationStore::on_device();
+    let checkpointing = checkpointing || store.is_some();
+    let store = store.unwrap_or(&on_device);
     let mut totals: Vec<Option<Tensor>> = vec![None; parameters.len()];
-    let loss = if checkpointing {
-        checkpointed_backward(dit, batch, parameters, &mut totals)?
+    // Block swap needs each swapped block's weights again, in reverse order, for the backward:
+    // the block-wise path recomputes every block there (as with checkpointing).
+    let loss = if checkpointing || dit.block_swap.is_some() {
+        checkpointed_backward(dit, batch, mask, parameters, store, &mut totals)?
     } else {
-        let output = training_forward(dit, batch)?;
+        let output = training_forward_masked(dit, batch, mask)?;
         let store = output.loss.backward()?;
         accumulate(&mut totals, gradients_of(&store, parameters)?)?;
         output.loss.to_scalar::<f32>()?
@@ -196,11 +252,14 @@ pub fn training_step(
 fn checkpointed_backward(
     dit: &Flux2Dit,
     batch: &StepBatch,
+    mask: Option<&Tensor>,
     parameters: &[Var],
+    store: &ActivationStore,
     totals: &mut [Option<Tensor>],
 ) -> Result<f32> {
     let _grad = GradGuard::enable();
-    let prepared_batch = prepare_batch(dit, batch)?;
+    let mut prepared_batch = prepare_batch(dit, batch)?;
+    prepared_batch.mask = mask.cloned();
     let prepared = dit.prepare(&prepared_batch.input(batch.text))?;
     let (img_mod, txt_mod, single_mod, rope) = (
         &prepared.img_mod,
@@ -211,11 +270,13 @@ fn checkpointed_backward(
 
     let mut double_checkpoints = Vec::with_capacity(dit.double_blocks.len());
     let (mut img, mut txt) = (prepared.img.detach(), prepared.txt.detach());
-    for block in &dit.double_blocks {
-        let (outputs, checkpoint) = checkpointed(&[img, txt], move |inputs: &[Tensor]| {
-            let (img, txt) = block.forward(&inputs[0], &inputs[1], img_mod, txt_mod, rope)?;
-            Ok(vec![img, txt])
-        })?;
+    for index in 0..dit.double_blocks.len() {
+        let (outputs, checkpoint) =
+            checkpointed_in(store, &[img, txt], move |inputs: &[Tensor]| {
+                let block = dit.double_block(index)?;
+                let (img, txt) = block.forward(&inputs[0], &inputs[1], img_mod, txt_mod, rope)?;
+                Ok(vec![img, txt])
+            })?;
         img = outputs[0].clone();
         txt = outputs[1].clone();
         double_checkpoints.push(checkpoint);
@@ -223,10 +284,13 @@ fn checkpointed_backward(
     let text_length = txt.dim(1)?;
     let mut joint = Tensor::cat(&[&txt, &img], 1)?;
     let mut single_checkpoints = Vec::with_capacity(dit.single_blocks.len());
-    for block in &dit.single_blocks {
-        let (outputs, checkpoint) = checkpointed(&[joint], move |inputs: &[Tensor]| {
-            Ok(vec![block.forward(&inputs[0], single_mod, rope)?])
-        })?;
+    for index in 0..dit.single_blocks.len() {
+        let (outputs, checkpoint) =
+            checkpointed_in(store, &[joint], move |inputs: &[Tensor]| {
+                Ok(vec![dit
+                    .single_block(index)?
+                    .forward(&inputs[0], single_mod, rope)?])
+            })?;
         joint = outputs[0].clone();
         single_checkpoints.push(checkpoint);
     }

@@ -20,8 +20,8 @@ use crate::train::log::{SummaryValue, TrainingLog};
 use crate::train::lr_schedule::LrSchedule;
 use crate::train::metadata::{build_metadata, RunDescription};
 use crate::train::network::{LoraNetwork, NetworkConfig};
-use crate::train::optim::{adamw_from_args, clip_grad_norm, Optimizer};
-use crate::train::step::{training_step, StepBatch};
+use crate::train::optim::{build_optimizer, clip_grad_norm, python_float_repr, Optimizer};
+use crate::train::step::{training_step_masked, StepBatch};
 use crate::train::timesteps::{
     sample_timesteps, stratified_uniforms, TimestepConfig, TimestepSampling,
 };
@@ -58,6 +58,8 @@ pub struct TrainOptions {
     pub max_grad_norm: f64,
     pub seed: u64,
     pub gradient_checkpointing: bool,
+    /// `--blocks_to_swap N` (Musubi's split between double and single blocks; 0: off).
+    pub blocks_to_swap: usize,
     pub save_every_n_epochs: Option<usize>,
     pub save_every_n_steps: Option<usize>,
     pub save_state: bool,
@@ -75,6 +77,22 @@ pub struct TrainOptions {
     /// Set (by a Ctrl-C handler) to stop after the current step, saving the LoRA and a state.
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     pub run: RunDescription,
+    /// Sample images during training (`--sample_prompts` and its flags); see `train::samples`.
+    pub samples: Option<crate::train::samples::SampleOptions>,
+    /// `--caption_dropout_rate`: probability of training an item on the empty prompt.
+    pub caption_dropout_rate: f64,
+    /// `--validation_dataset_config` and its schedule (validation loss).
+    pub validation: Option<crate::train::validation::ValidationOptions>,
+    // Memory (issue 9, fp8 and activation offload).
+    /// `--fp8_base --fp8_scaled`: the block linears stored as F8E4M3 with block-wise scales,
+    /// quantised while loading, dequantised on use in forward and backward.
+    pub fp8: crate::quant::Fp8Mode,
+    /// `--gradient_checkpointing_cpu_offload`: the checkpointed block inputs live in host memory
+    /// (implies block-wise checkpointing).
+    pub gradient_checkpointing_cpu_offload: bool,
+    /// `--masked_loss`: the squared error is weighted by the loss masks cached by cache-latents
+    /// (`train::masked_loss`).
+    pub masked_loss: bool,
 }
 
 /// Progress reports.
@@ -83,6 +101,10 @@ pub trait TrainObserver {
     fn step(&mut self, _step: usize, _loss: f64, _average_loss: f64, _lr: f64) {}
     fn epoch(&mut self, _epoch: usize, _epochs: usize) {}
     fn saved(&mut self, _path: &Path) {}
+    /// A sample image was written (`--sample_prompts`).
+    fn sampled(&mut self, _path: &Path) {}
+    /// The validation loss after `step` (`--validation_dataset_config`).
+    fn validation(&mut self, _step: usize, _loss: f64) {}
 }
 
 /// What a finished run reports.
@@ -115,6 +137,25 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
     let architecture = options.version.info().cache_architecture;
     let config = DatasetConfig::load(&options.dataset_config, &ConfigFallbacks::default())?;
     let datasets = CachedDataset::read_all(&config, architecture)?;
+    // Masked loss (masked_loss.rs): every cache must hold its mask before the DiT loads.
+    if options.masked_loss {
+        crate::train::masked_loss::check_loss_masks(&config, &datasets)?;
+    }
+    // Caption dropout and validation (validation.rs, caption_dropout.rs).
+    let caption_dropout = crate::train::caption_dropout::CaptionDropout::new(
+        options.caption_dropout_rate,
+        options.seed,
+        &datasets,
+        architecture,
+        &options.device,
+    )?;
+    let mut validator = match &options.validation {
+        Some(validation) => Some(crate::train::validation::Validator::new(
+            validation,
+            architecture,
+        )?),
+        None => None,
+    };
     let items: usize = datasets.iter().map(CachedDataset::len).sum();
     if items == 0 {
         return Err(Error::InvalidArgument {
@@ -147,12 +188,22 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
     )?;
 
     let checkpoint = Checkpoint::open(&options.dit)?;
-    let mut dit = Flux2Dit::load(
+    // Block swap: split checked from the headers (before anything loads), model loaded on the
+    // host, then all but the swapped blocks' weights placed on the device (before the LoRA
+    // network is attached).
+    let swap = crate::offload::split_for_checkpoint(&checkpoint, options.blocks_to_swap)?;
+    // Sample prompts are encoded (text encoder loaded and freed) before the DiT loads.
+    let sample_images = crate::train::samples::TrainingSamples::prepare(options)?;
+    let mut dit = Flux2Dit::load_with_fp8(
         &checkpoint,
         Some(options.version),
         options.dit_dtype,
-        &options.device,
+        &crate::offload::load_device(swap, &options.device),
+        options.fp8,
     )?;
+    if !swap.is_empty() {
+        crate::offload::enable_block_swap(&mut dit, swap, &options.device)?;
+    }
     let mut init_rng = SeededRng::new(options.seed);
     let mut network = LoraNetwork::new(
         &dit.config,
@@ -168,18 +219,23 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
         .iter()
         .map(|(p, _)| p.clone())
         .collect();
-    let mut optimizer: Box<dyn Optimizer> = match options.optimizer_type.to_lowercase().as_str() {
-        "adamw" | "" => Box::new(adamw_from_args(
-            parameters_with_factors,
-            &options.optimizer_args,
-        )?),
-        other => {
-            return Err(Error::InvalidArgument {
-                name: "--optimizer_type".into(),
-                message: format!("`{other}` is not implemented; use AdamW"),
-            })
-        }
-    };
+    let mut optimizer = build_optimizer(
+        &options.optimizer_type,
+        parameters_with_factors,
+        &options.optimizer_args,
+        options.learning_rate,
+    )?;
+    // Adafactor with relative_step picks its own rate; Musubi then forces the `adafactor`
+    // schedule, which refuses warmup steps.
+    if optimizer.own_learning_rate().is_some() && warmup > 0 {
+        return Err(Error::InvalidArgument {
+            name: "--lr_warmup_steps".into(),
+            message: format!(
+                "{warmup} warmup steps: Adafactor with relative_step=True uses the adafactor \
+                 schedule, which takes none; set 0 or pass --optimizer_args relative_step=False"
+            ),
+        });
+    }
 
     let mut state = RunState {
         global_step: 0,
@@ -208,6 +264,9 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
     run.max_train_steps = total_steps;
     run.lr_warmup_steps = warmup;
     run.optimizer = optimizer.describe();
+    if optimizer.own_learning_rate().is_some() {
+        run.lr_scheduler = format!("adafactor:{}", python_float_repr(options.learning_rate));
+    }
 
     let mut log = match &options.logging_dir {
         Some(directory) => Some(TrainingLog::create(directory, &options.output_name)?),
@@ -215,7 +274,14 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
     };
     let mut step_timesteps: Vec<f64> = Vec::new();
     observer.start(total_steps, state.global_step, epochs);
+    if let Some(samples) = &sample_images {
+        samples.at_first(&mut dit, state.global_step, observer)?;
+    }
     let mut pending: Option<Vec<Tensor>> = None;
+    // Where checkpointed block inputs go with --gradient_checkpointing_cpu_offload.
+    let activation_store = options
+        .gradient_checkpointing_cpu_offload
+        .then(crate::nn::trainable::ActivationStore::offloading);
     let mut pending_losses = Vec::new();
     let mut last_save: Option<PathBuf> = None;
     'epochs: while state.epoch <= epochs && state.global_step < total_steps {
@@ -238,6 +304,7 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
         for index in state.batch_in_epoch..epoch_batches.len() {
             let items = &epoch_batches[index];
             let batch = load_batch(items, &options.device)?;
+            let text = caption_dropout.apply(items, &batch.text, state.epoch, index)?;
             let (batch_size, _, height, width) = batch.latents.dims4()?;
             let noise = Tensor::from_vec(
                 rng.normal_vec(batch.latents.elem_count()),
@@ -262,20 +329,30 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
                 .iter()
                 .map(|s| options.timesteps.weighting_scheme.loss_weight(*s))
                 .collect();
-            let result = training_step(
+            // Masked loss (masked_loss.rs).
+            let mask = match options.masked_loss {
+                true => Some(crate::train::masked_loss::load_batch_masks(
+                    items,
+                    &options.device,
+                )?),
+                false => None,
+            };
+            let result = training_step_masked(
                 &dit,
                 &StepBatch {
                     latents: &batch.latents,
                     noise: &noise,
                     sigmas: &sampled.sigmas,
                     model_timesteps: &sampled.model_timesteps,
-                    text: &batch.text,
+                    text: &text,
                     controls: &batch.controls,
                     guidance: Some(options.guidance),
                     weights: &weights,
                 },
+                mask.as_ref(),
                 &parameters,
                 options.gradient_checkpointing,
+                activation_store.as_ref(),
             )?;
             if !result.loss.is_finite() {
                 return Err(Error::InvalidArgument {
@@ -315,6 +392,9 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
             }
             let lr = options.learning_rate * schedule.factor(state.global_step, total_steps);
             optimizer.step(&gradients, lr)?;
+            // The rate to log: Adafactor's own under relative_step; Prodigy also logs d·lr.
+            let lr = optimizer.own_learning_rate().unwrap_or(lr);
+            let d_lr = optimizer.distance_estimate().map(|d| d * lr);
             let loss = pending_losses.iter().sum::<f64>() / pending_losses.len() as f64;
             pending_losses.clear();
             state.global_step += 1;
@@ -323,17 +403,31 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
             let average = window.iter().sum::<f64>() / window.len() as f64;
             observer.step(state.global_step, loss, average, lr);
             if let Some(log) = &mut log {
-                log.log(
-                    state.global_step,
-                    &[
-                        SummaryValue::Scalar("loss/current", loss as f32),
-                        SummaryValue::Scalar("loss/average", average as f32),
-                        SummaryValue::Scalar("lr/unet", lr as f32),
-                        SummaryValue::Histogram("timesteps", &step_timesteps),
-                    ],
-                )?;
+                let mut values = vec![
+                    SummaryValue::Scalar("loss/current", loss as f32),
+                    SummaryValue::Scalar("loss/average", average as f32),
+                    SummaryValue::Scalar("lr/unet", lr as f32),
+                    SummaryValue::Histogram("timesteps", &step_timesteps),
+                ];
+                if let Some(d_lr) = d_lr {
+                    values.push(SummaryValue::Scalar("lr/d*lr/unet", d_lr as f32));
+                }
+                log.log(state.global_step, &values)?;
             }
             step_timesteps.clear();
+            if let Some(validator) = &mut validator {
+                let epoch_ended =
+                    index + 1 == epoch_batches.len() || state.global_step >= total_steps;
+                validator.after_step(
+                    &dit,
+                    &options.timesteps,
+                    options.guidance,
+                    &options.device,
+                    (state.global_step, state.epoch, epoch_ended),
+                    observer,
+                    log.as_mut(),
+                )?;
+            }
             let (saved_rng, spare) = rng.state();
             state.rng_state = saved_rng;
             state.rng_spare = spare;
@@ -365,6 +459,9 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
                     interrupted: true,
                 });
             }
+            if let Some(samples) = &sample_images {
+                samples.after_step(&mut dit, state.global_step, observer)?;
+            }
             if options
                 .save_every_n_steps
                 .is_some_and(|n| n > 0 && state.global_step % n == 0)
@@ -383,6 +480,10 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
                 remove_old_saves(options, SaveKind::Step, state.global_step)?;
             }
             if state.global_step >= total_steps {
+                // The epoch ends here (Musubi samples at the end of a cut-short last epoch too).
+                if let Some(samples) = &sample_images {
+                    samples.after_epoch(&mut dit, state.epoch, state.global_step, observer)?;
+                }
                 break 'epochs;
             }
         }
@@ -405,6 +506,9 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
                 observer,
             )?);
             remove_old_saves(options, SaveKind::Epoch, state.epoch)?;
+        }
+        if let Some(samples) = &sample_images {
+            samples.after_epoch(&mut dit, state.epoch, state.global_step, observer)?;
         }
         state.epoch += 1;
         state.batch_in_epoch = 0;

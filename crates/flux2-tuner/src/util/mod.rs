@@ -1,4 +1,5 @@
 //! Small utilities.
 
+pub mod memory;
 pub mod rng;
 pub mod time;

@@ -2,7 +2,7 @@
 //! and `ae/ae_decode` (image and reconstruction), in f32 and bf16. The AE file and every shape come
 //! from the manifest and the files.
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::models::ae::AutoEncoder;
 use serde_json::Value;
@@ -57,7 +57,7 @@ pub fn run_all(set: &FixtureSet, report: &mut Report) {
 
 fn load(set: &FixtureSet, file: &str, dtype: DType) -> Result<AutoEncoder> {
     let checkpoint = Checkpoint::open(&set.dir.join(file))?;
-    Ok(AutoEncoder::load(&checkpoint, dtype, &Device::Cpu)?)
+    Ok(AutoEncoder::load(&checkpoint, dtype, &crate::fixtures::device())?)
 }
 
 /// Largest relative error over the moments, the mean and the latents of an encode case.

@@ -1,6 +1,6 @@
 //! DiT cases: `dit_forward`, `dit_forward_ref` and `lora_forward`, in f32 and bf16.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::lora::{linear_shapes, KeyFilter, LoraFile};
 use flux2_tuner::models::dit::{DitInput, Flux2Dit};
@@ -27,7 +27,7 @@ pub fn load_dit(
         .as_str()
         .ok_or("variant has no dit.file")?;
     let checkpoint = Checkpoint::open(&set.dir.join(file))?;
-    let mut dit = Flux2Dit::load(&checkpoint, None, dtype, &Device::Cpu)?;
+    let mut dit = Flux2Dit::load(&checkpoint, None, dtype, &crate::fixtures::device())?;
     if let Some(lora_file) = case.get("lora_file").and_then(Value::as_str) {
         let multiplier = case["multiplier"]
             .as_f64()
@@ -37,7 +37,7 @@ pub fn load_dit(
             &set.dir.join(lora_file),
             &shapes,
             &KeyFilter::default(),
-            &Device::Cpu,
+            &crate::fixtures::device(),
         )?;
         lora.apply(dit.linears_mut(), multiplier, mode == LoraMode::Merged)?;
     }

@@ -22,6 +22,42 @@ pub fn golden_dir() -> PathBuf {
     repository.join("../shared/golden")
 }
 
+/// The device the cases run on: `FLUX2_DEVICE` (`cpu`, the default, `cuda` or `cuda:N`; CUDA
+/// needs a `--features cuda` build). `FLUX2_ATTN_MODE=flash` selects the fused attention kernel
+/// (used for bf16 on CUDA).
+pub fn device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let name = std::env::var("FLUX2_DEVICE").unwrap_or_else(|_| "cpu".into());
+            let device = match name.as_str() {
+                "cpu" => Ok(Device::Cpu),
+                cuda if cuda == "cuda" || cuda.starts_with("cuda:") => cuda
+                    .strip_prefix("cuda:")
+                    .unwrap_or("0")
+                    .parse::<usize>()
+                    .map_err(|e| e.to_string())
+                    .and_then(|index| Device::new_cuda(index).map_err(|e| e.to_string())),
+                other => Err(format!("not cpu, cuda or cuda:N: {other}")),
+            };
+            let device = device.unwrap_or_else(|e| {
+                eprintln!("FLUX2_DEVICE={name}: {e}");
+                std::process::exit(1);
+            });
+            let flash = std::env::var("FLUX2_ATTN_MODE").is_ok_and(|mode| mode == "flash");
+            if flash {
+                use flux2_tuner::nn::flash::{select, AttentionKernel};
+                select(AttentionKernel::Fused);
+            }
+            println!(
+                "golden device: {name}, attention: {}",
+                if flash { "flash" } else { "composed" }
+            );
+            device
+        })
+        .clone()
+}
+
 /// The manifest plus the directory it is in.
 pub struct FixtureSet {
     pub dir: PathBuf,
@@ -59,7 +95,7 @@ impl CaseTensors {
             .entry(key)
             .ok_or_else(|| format!("{}: no tensor `{key}`", self.checkpoint.path().display()))?;
         let dtype = entry.dtype.candle().unwrap_or(DType::F32);
-        Ok(self.checkpoint.load(key, dtype, &Device::Cpu)?)
+        Ok(self.checkpoint.load(key, dtype, &device())?)
     }
 
     pub fn f32(&self, key: &str) -> Result<Tensor> {

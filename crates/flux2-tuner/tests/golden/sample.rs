@@ -96,7 +96,7 @@ pub fn decoded_error(set: &FixtureSet, case: &Value, result: &SampleResult) -> R
     let ae = flux2_tuner::models::ae::AutoEncoder::load(
         &checkpoint,
         DType::F32,
-        &candle_core::Device::Cpu,
+        &crate::fixtures::device(),
     )?;
     let decoded = ae.decode(&result.final_latents)?;
     let tensors = set.tensors(case["file"].as_str().ok_or("case has no file")?)?;

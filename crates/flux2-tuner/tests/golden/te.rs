@@ -3,7 +3,7 @@
 //! exactly; embeddings within the case tolerance, in f32 and bf16. All prompts run as one batch.
 //! Prompts, layers, padding side, pad id and length come from the manifest and the model files.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use flux2_tuner::models::text::tokenizer::render_prompt;
 use flux2_tuner::models::text::{PaddingSide, TextEncoder, TextEncoderOptions, TokenBatch};
 use flux2_tuner::models::TextEncoderKind;
@@ -103,7 +103,7 @@ fn prepare(set: &FixtureSet, variant: &Value, case: &Value) -> Result<Prepared> 
 }
 
 fn load(prepared: &Prepared, dtype: DType) -> Result<TextEncoder> {
-    let mut options = TextEncoderOptions::new(prepared.kind, Device::Cpu, dtype);
+    let mut options = TextEncoderOptions::new(prepared.kind, crate::fixtures::device(), dtype);
     options.layers = prepared.layers.clone();
     let mut encoder = TextEncoder::load(&prepared.weights, prepared.kind, &options)?;
     encoder.tokenizer.max_length = prepared.max_length;

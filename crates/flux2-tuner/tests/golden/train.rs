@@ -1,6 +1,6 @@
 //! `train_step` cases: one Musubi training step's loss and every LoRA gradient (f32).
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::models::dit::Flux2Dit;
 use flux2_tuner::train::network::{LoraNetwork, NetworkConfig};
@@ -24,7 +24,7 @@ fn run_inner(
     id: &str,
     report: &mut Report,
 ) -> Result<()> {
-    let device = Device::Cpu;
+    let device = crate::fixtures::device();
     let dit_file = variant["dit"]["file"]
         .as_str()
         .ok_or("variant has no dit.file")?;

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::models::dit::weights::DitWeights;
-use crate::nn::attention::attention;
+use crate::nn::attention::attention_in_model;
 use crate::nn::fused::{self, QkNormRope};
 use crate::nn::host::is_plain_cpu;
 use crate::nn::norm::{layer_norm, modulate, rms_norm};
@@ -231,7 +231,7 @@ impl DoubleStreamBlock {
         let q = Tensor::cat(&[&txt_q, &img_q], 2)?;
         let k = Tensor::cat(&[&txt_k, &img_k], 2)?;
         let v = Tensor::cat(&[&txt_v, &img_v], 2)?;
-        let joint = attention(&q, &k, &v)?;
+        let joint = attention_in_model(&q, &k, &v, self.img_attn.norm.query_norm.dtype())?;
         let txt_attn = joint.narrow(1, 0, txt_len)?;
         let img_attn = joint.narrow(1, txt_len, img.dim(1)?)?;
 
@@ -291,7 +291,7 @@ impl SingleStreamBlock {
         let qkv_width = 3 * self.hidden_size;
         let mlp_width = projected.dim(D::Minus1)? - qkv_width;
         let (q, k, v) = split_qkv(&projected, 0, self.num_heads, &self.norm, rope, 0)?;
-        let attended = attention(&q, &k, &v)?;
+        let attended = attention_in_model(&q, &k, &v, self.norm.query_norm.dtype())?;
         let activated = if is_plain_cpu(&[&projected]) {
             fused::swiglu(&projected, qkv_width, mlp_width)?
         } else {

@@ -66,6 +66,9 @@ pub struct Flux2Dit {
     pub double_blocks: Vec<DoubleStreamBlock>,
     pub single_blocks: Vec<SingleStreamBlock>,
     pub final_layer: LastLayer,
+    /// Block swap (`--blocks_to_swap`): set by `offload::enable_block_swap`, which keeps the
+    /// swapped blocks' Linear weights in host memory.
+    pub block_swap: Option<std::sync::Arc<crate::offload::BlockSwap>>,
 }
 
 /// Infers the configuration of `checkpoint`, checks it against `expected` and validates every key,
@@ -139,11 +142,30 @@ impl Flux2Dit {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_with_fp8(
+            checkpoint,
+            expected,
+            dtype,
+            device,
+            crate::quant::Fp8Mode::Off,
+        )
+    }
+
+    /// [`Flux2Dit::load`] with the block linears stored as F8E4M3 (`fp8`), each quantised as it
+    /// is read (training's `--fp8_base --fp8_scaled`), so no full-precision copy is ever held.
+    pub fn load_with_fp8(
+        checkpoint: &Checkpoint,
+        expected: Option<ModelVersion>,
+        dtype: DType,
+        device: &Device,
+        fp8: crate::quant::Fp8Mode,
+    ) -> Result<Self> {
         let config = check_dit_checkpoint(checkpoint, expected)?;
         let weights = DitWeights {
             checkpoint,
             device: device.clone(),
             dtype,
+            fp8,
         };
         let heads = config.num_heads;
         let hidden = config.hidden_size;
@@ -174,9 +196,24 @@ impl Flux2Dit {
                 })
                 .collect::<Result<_>>()?,
             final_layer: LastLayer::load(&weights, "final_layer")?,
+            block_swap: None,
             config,
             dtype,
         })
+    }
+
+    /// The dtype of the activations between the layers: the model's dtype, except while training
+    /// (gradient mode) bf16 weights on the CPU. There the activations are f32 and only the matrix
+    /// products round their operands to bf16 (`nn::trainable::bf16_weight_linear`), because
+    /// candle's CPU bf16 element-wise kernels, which every gradient accumulation of its backward
+    /// goes through, are several times slower than f32 ones. On CUDA the activations stay bf16.
+    pub fn activation_dtype(&self) -> DType {
+        let on_cpu = self.img_in.weight.device().is_cpu();
+        if self.dtype == DType::BF16 && on_cpu && crate::nn::grad_mode::enabled() {
+            DType::F32
+        } else {
+            self.dtype
+        }
     }
 
     /// The conditioning vector `time_in(emb(t)) [+ guidance_in(emb(g))]`, `[b, hidden]`.
@@ -205,10 +242,10 @@ impl Flux2Dit {
         let single_mod = self.single_stream_modulation.forward(&vec)?;
         let img = self
             .img_in
-            .forward(&input.image_tokens.to_dtype(self.dtype)?)?;
+            .forward(&input.image_tokens.to_dtype(self.activation_dtype())?)?;
         let txt = self
             .txt_in
-            .forward(&input.text_embeddings.to_dtype(self.dtype)?)?;
+            .forward(&input.text_embeddings.to_dtype(self.activation_dtype())?)?;
         let (axes, theta) = (&self.config.axes_dim, self.config.theta);
         let rope = RopeTables::cat(
             &RopeTables::new(input.text_position_ids, axes, theta)?,
@@ -237,8 +274,8 @@ impl Flux2Dit {
     pub fn forward(&self, input: &DitInput) -> Result<Tensor> {
         let prepared = self.prepare(input)?;
         let (mut img, mut txt) = (prepared.img.clone(), prepared.txt.clone());
-        for block in &self.double_blocks {
-            (img, txt) = block.forward(
+        for index in 0..self.double_blocks.len() {
+            (img, txt) = self.double_block(index)?.forward(
                 &img,
                 &txt,
                 &prepared.img_mod,
@@ -248,10 +285,31 @@ impl Flux2Dit {
         }
         let text_length = txt.dim(1)?;
         let mut joint = Tensor::cat(&[&txt, &img], 1)?;
-        for block in &self.single_blocks {
-            joint = block.forward(&joint, &prepared.single_mod[0], &prepared.rope)?;
+        for index in 0..self.single_blocks.len() {
+            joint = self.single_block(index)?.forward(
+                &joint,
+                &prepared.single_mod[0],
+                &prepared.rope,
+            )?;
         }
         self.finish(&joint, text_length, &prepared.vec)
+    }
+
+    /// Double block `index` ready to compute: with block swap, a copy whose weights were brought
+    /// to the device (freed when dropped).
+    pub fn double_block(
+        &self,
+        index: usize,
+    ) -> Result<crate::offload::Resident<'_, DoubleStreamBlock>> {
+        crate::offload::resident_double(self, index)
+    }
+
+    /// Single block `index` ready to compute (see [`Self::double_block`]).
+    pub fn single_block(
+        &self,
+        index: usize,
+    ) -> Result<crate::offload::Resident<'_, SingleStreamBlock>> {
+        crate::offload::resident_single(self, index)
     }
 
     /// Stores the block linears as F8E4M3 (Musubi's fp8 targets: never norms, embedders, the

@@ -29,6 +29,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// As [`attention`], returning `[b, heads, l, d]`.
 pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    heads_with(q, k, v, false)
+}
+
+/// The op on checked inputs, `[b, heads, l, d]` out.
+fn heads_with(q: &Tensor, k: &Tensor, v: &Tensor, bf16_products: bool) -> Result<Tensor> {
     let (batch, heads, _, head_dim) = q.dims4()?;
     let keys = k.dim(2)?;
     for (name, tensor) in [("k", k), ("v", v)] {
@@ -50,13 +55,37 @@ pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
     let op = AttentionOp {
         logsumexp: Mutex::new(None),
+        bf16_products,
     };
     Ok(q.apply_op3(k, v, op)?)
+}
+
+/// As [`attention`] for f32 `q`, `k`, `v` of a bf16 model trained on the CPU (bf16 mixed
+/// precision, `Flux2Dit::activation_dtype`): the four products of the forward and backward
+/// round their operands to bf16 and run on AMX tiles, as PyTorch's bf16 attention does; the
+/// softmax and every accumulation stay f32.
+pub fn attention_with_bf16_products(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (batch, heads, length, head_dim) = q.dims4()?;
+    Ok(heads_with(q, k, v, true)?
+        .transpose(1, 2)?
+        .reshape((batch, length, heads * head_dim))?)
 }
 
 struct AttentionOp {
     /// `[b, heads, l, 1]` in the compute dtype, written by the forward, read by the backward.
     logsumexp: Mutex<Option<Tensor>>,
+    /// Products of bf16-rounded operands (f32 CPU inputs only; see `bf16_products`).
+    bf16_products: bool,
+}
+
+impl AttentionOp {
+    fn product(&self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        if self.bf16_products {
+            super::bf16_products::matmul(a, b)
+        } else {
+            a.matmul(b)
+        }
+    }
 }
 
 /// Query rows per chunk so that one chunk's scores stay under [`MAX_SCORE_ELEMENTS`].
@@ -73,7 +102,12 @@ fn chunks(length: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// Output `[b, h, l, d]` and logsumexp `[b, h, l, 1]` of contiguous compute-dtype `q`, `k`, `v`.
-fn forward(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+fn forward(
+    op: &AttentionOp,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let (_, _, length, head_dim) = q.dims4()?;
     let scale = 1.0 / (head_dim as f64).sqrt();
     let k_t = k.t()?;
@@ -82,9 +116,9 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, T
     let mut logsumexps = Vec::new();
     for (start, len) in chunks(length, rows) {
         // Scaling the `[rows, d]` queries is cheaper than scaling the `[rows, keys]` scores.
-        let scores = (q.narrow(2, start, len)? * scale)?.matmul(&k_t)?;
+        let scores = op.product(&(q.narrow(2, start, len)? * scale)?, &k_t)?;
         let (probabilities, logsumexp) = softmax_with_logsumexp(&scores)?;
-        outputs.push(probabilities.matmul(v)?);
+        outputs.push(op.product(&probabilities, v)?);
         logsumexps.push(logsumexp);
     }
     Ok((Tensor::cat(&outputs, 2)?, Tensor::cat(&logsumexps, 2)?))
@@ -102,7 +136,7 @@ impl AttentionOp {
         let q = tensor_from(q.0, q.1, compute)?;
         let k = tensor_from(k.0, k.1, compute)?;
         let v = tensor_from(v.0, v.1, compute)?;
-        let (out, logsumexp) = forward(&q, &k, &v)?;
+        let (out, logsumexp) = forward(self, &q, &k, &v)?;
         *self
             .logsumexp
             .lock()
@@ -171,16 +205,16 @@ impl CustomOp3 for AttentionOp {
         for (start, len) in chunks(length, rows_per_chunk(&q32, k32.dim(2)?)?) {
             let q_chunk = q32.narrow(2, start, len)?;
             let grad_chunk = grad.narrow(2, start, len)?;
-            let scores = (&q_chunk * scale)?.matmul(&k_t)?;
+            let scores = self.product(&(&q_chunk * scale)?, &k_t)?;
             let probabilities =
                 probabilities(&scores, &logsumexp.narrow(2, start, len)?.contiguous()?)?;
-            v_grad = (v_grad + probabilities.t()?.matmul(&grad_chunk)?)?;
-            let probability_grad = grad_chunk.matmul(&v_t)?;
+            v_grad = (v_grad + self.product(&probabilities.t()?, &grad_chunk)?)?;
+            let probability_grad = self.product(&grad_chunk, &v_t)?;
             // `dS` without the factor `s`, applied to the smaller `[rows, d]` products instead.
             let delta_chunk = delta.narrow(2, start, len)?.contiguous()?;
             let score_grad = score_gradient(&probabilities, &probability_grad, &delta_chunk)?;
-            q_grads.push((score_grad.matmul(&k32)? * scale)?);
-            k_grad = (k_grad + (score_grad.t()?.matmul(&q_chunk)? * scale)?)?;
+            q_grads.push((self.product(&score_grad, &k32)? * scale)?);
+            k_grad = (k_grad + (self.product(&score_grad.t()?, &q_chunk)? * scale)?)?;
         }
         let q_grad = Tensor::cat(&q_grads, 2)?.to_dtype(q.dtype())?;
         Ok((

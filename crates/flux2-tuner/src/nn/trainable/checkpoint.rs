@@ -13,11 +13,13 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
+use super::activation_store::{ActivationStore, Stored};
 use crate::error::{Error, Result};
 
 /// A block's saved inputs and the function that recomputes its outputs from them.
 pub struct Checkpoint<F> {
-    inputs: Vec<Tensor>,
+    /// On the device, or in host memory when saved through an offloading [`ActivationStore`].
+    inputs: Vec<Stored>,
     forward: F,
 }
 
@@ -39,6 +41,26 @@ where
 {
     let inputs: Vec<Tensor> = inputs.iter().map(Tensor::detach).collect();
     let outputs = forward(&inputs)?.iter().map(Tensor::detach).collect();
+    let inputs = inputs.iter().map(Stored::untracked).collect();
+    Ok((outputs, Checkpoint { inputs, forward }))
+}
+
+/// [`checkpointed`] keeping the saved inputs in `store` (on the device, or in host memory with
+/// `--gradient_checkpointing_cpu_offload`), which counts their bytes.
+pub fn checkpointed_in<F>(
+    store: &ActivationStore,
+    inputs: &[Tensor],
+    forward: F,
+) -> Result<(Vec<Tensor>, Checkpoint<F>)>
+where
+    F: Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+{
+    let inputs: Vec<Tensor> = inputs.iter().map(Tensor::detach).collect();
+    let outputs = forward(&inputs)?.iter().map(Tensor::detach).collect();
+    let inputs = inputs
+        .iter()
+        .map(|input| store.save(input))
+        .collect::<Result<_>>()?;
     Ok((outputs, Checkpoint { inputs, forward }))
 }
 
@@ -52,8 +74,8 @@ where
         let vars = self
             .inputs
             .iter()
-            .map(Var::from_tensor)
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|stored| Ok(Var::from_tensor(&stored.restore()?)?))
+            .collect::<Result<Vec<_>>>()?;
         let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let outputs = (self.forward)(&tracked)?;
         if outputs.len() != output_grads.len() {

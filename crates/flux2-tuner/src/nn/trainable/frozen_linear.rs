@@ -38,7 +38,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 struct FrozenLinearOp;
 
 /// `[m, k] x [n, k]^T` through the backend's matmul, the weight read transposed in place.
-fn matmul_transposed<S: BackendStorage>(
+pub(super) fn matmul_transposed<S: BackendStorage>(
     x: &S,
     x_layout: &Layout,
     weight: &S,

@@ -17,8 +17,12 @@
 //! - [`swiglu`]`(x)`: `silu(first half) * second half` of the last axis (composed, differentiable).
 //! - [`frozen_linear`]`(x, weight)`: `x W^T` with `W [out, in]` frozen: the backward computes
 //!   `dX` only; nothing weight-sized enters the `GradStore`.
+//! - [`bf16_weight_linear`]`(x, weight)`: `frozen_linear` for f32 activations and a bf16 weight on
+//!   the CPU (bf16 mixed precision there: AMX products of bf16-rounded operands, f32 results).
 //! - [`LoraLinear`]: a frozen base weight plus `lora_down`/`lora_up` `Var`s (f32 masters, cast to
 //!   the activation dtype, so bf16 activations run the LoRA matmuls in bf16).
+//! - [`fp8_frozen_linear`]`(x, values, scale)`: `frozen_linear` on an F8E4M3 weight with block-wise
+//!   scales, dequantised in the forward and again in the backward (the graph keeps only fp8).
 //! - [`checkpointed`]`(inputs, forward)` and [`Checkpoint::backward`]`(output_grads)`: block-level
 //!   gradient checkpointing (rust-stack.md §4.4); forward keeps only the block inputs, backward
 //!   recomputes the block and returns the input gradients and the block's `GradStore`.
@@ -34,8 +38,12 @@
 //! Frozen arguments (`rms_norm`'s scale, the RoPE tables, `frozen_linear`'s weight) are detached:
 //! returning no gradient for an argument that candle tracks would make its backward panic.
 
+mod activation_store;
 mod attention;
+mod bf16_products;
+mod bf16_weight_linear;
 mod checkpoint;
+mod fp8_linear;
 mod frozen_linear;
 mod lora_linear;
 mod modulated_layer_norm;
@@ -47,8 +55,11 @@ mod swiglu;
 #[cfg(test)]
 mod test_support;
 
-pub use attention::{attention, attention_heads};
-pub use checkpoint::{checkpointed, Checkpoint, CheckpointGradients};
+pub use activation_store::{ActivationStore, Stored};
+pub use attention::{attention, attention_heads, attention_with_bf16_products};
+pub use bf16_weight_linear::bf16_weight_linear;
+pub use checkpoint::{checkpointed, checkpointed_in, Checkpoint, CheckpointGradients};
+pub use fp8_linear::fp8_frozen_linear;
 pub use frozen_linear::frozen_linear;
 pub use lora_linear::LoraLinear;
 pub use modulated_layer_norm::modulated_layer_norm;

@@ -1,0 +1,261 @@
+//! Validation loss (`train::validation`) on a small random DiT and hand-written caches: it equals
+//! the training forward's loss at the same timesteps and noise, repeats exactly, and follows the
+//! attached LoRA.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use flux2_tuner::checkpoint::Checkpoint;
+use flux2_tuner::data::cache::{
+    latent_cache_path, text_cache_path, write_latent_cache, write_text_cache,
+};
+use flux2_tuner::models::dit::writer::write_random_dit;
+use flux2_tuner::models::dit::{DitConfig, Flux2Dit};
+use flux2_tuner::train::data::load_batch;
+use flux2_tuner::train::network::{LoraNetwork, NetworkConfig};
+use flux2_tuner::train::step::{training_forward, StepBatch};
+use flux2_tuner::train::timesteps::{TimestepConfig, TimestepSampling, WeightingScheme};
+use flux2_tuner::train::validation::{model_timestep, ValidationOptions, Validator};
+use flux2_tuner::util::rng::SeededRng;
+
+const ARCHITECTURE: &str = "f2k4b";
+
+fn config() -> DitConfig {
+    DitConfig {
+        in_channels: 128,
+        context_in_dim: 24,
+        hidden_size: 32,
+        num_heads: 2,
+        depth: 2,
+        depth_single_blocks: 2,
+        mlp_hidden_size: 96,
+        axes_dim: [4, 4, 4, 4],
+        theta: 2000.0,
+        guidance_embed: true,
+    }
+}
+
+fn random(shape: &[usize], rng: &mut SeededRng) -> Tensor {
+    let count = shape.iter().product();
+    Tensor::from_vec(rng.normal_vec(count), shape, &Device::Cpu).unwrap()
+}
+
+/// Three cached 32x32 items (latents `[128, 2, 2]`, text `[512, 24]`) in batches of two, and
+/// their dataset TOML.
+fn write_dataset(dir: &Path) -> PathBuf {
+    let images = dir.join("images");
+    let cache = dir.join("cache");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
+    let mut rng = SeededRng::new(21);
+    for index in 0..3 {
+        let stem = format!("held{index}");
+        let latent = random(&[128, 2, 2], &mut rng);
+        write_latent_cache(
+            &latent_cache_path(&cache, &stem, (32, 32), ARCHITECTURE),
+            &latent,
+            &[],
+            None,
+            ARCHITECTURE,
+            (32, 32),
+        )
+        .unwrap();
+        let text = random(&[512, 24], &mut rng);
+        write_text_cache(
+            &text_cache_path(&cache, &stem, ARCHITECTURE),
+            &text,
+            ARCHITECTURE,
+            &stem,
+        )
+        .unwrap();
+    }
+    let toml = dir.join("validation.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[general]\nresolution = [32, 32]\nbatch_size = 2\n\n[[datasets]]\n\
+             image_directory = \"{}\"\ncache_directory = \"{}\"\n",
+            images.display(),
+            cache.display()
+        ),
+    )
+    .unwrap();
+    toml
+}
+
+/// The loss computed directly: `training_forward` on every batch at every timestep with the
+/// validator's noise, averaged per item.
+fn direct_loss(validator: &Validator, dit: &Flux2Dit, timesteps: &TimestepConfig) -> f64 {
+    let mut total = 0.0;
+    let mut items = 0;
+    for batch_items in &validator.batches {
+        let batch = load_batch(batch_items, &Device::Cpu).unwrap();
+        let size = batch_items.len();
+        let noise = validator.batch_noise(items, &batch.latents).unwrap();
+        items += size;
+        for t in &validator.options.timesteps {
+            let sigma = t / 1000.0;
+            let output = training_forward(
+                dit,
+                &StepBatch {
+                    latents: &batch.latents,
+                    noise: &noise,
+                    sigmas: &vec![sigma; size],
+                    model_timesteps: &vec![model_timestep(timesteps.sampling, sigma); size],
+                    text: &batch.text,
+                    controls: &batch.controls,
+                    guidance: Some(1.0),
+                    weights: &vec![timesteps.weighting_scheme.loss_weight(sigma); size],
+                },
+            )
+            .unwrap();
+            total += f64::from(output.loss.to_scalar::<f32>().unwrap()) * size as f64;
+        }
+    }
+    total / (items * validator.options.timesteps.len()) as f64
+}
+
+#[test]
+fn validation_loss_is_the_training_loss_at_fixed_timesteps_and_noise() {
+    let dir = std::env::temp_dir().join(format!("flux2-validation-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml = write_dataset(&dir);
+    let dit_path = dir.join("dit.safetensors");
+    write_random_dit(&config(), &dit_path, 31, DType::F32).unwrap();
+    let mut dit = Flux2Dit::load(
+        &Checkpoint::open(&dit_path).unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let network = LoraNetwork::new(
+        &dit.config,
+        NetworkConfig::default(),
+        &mut SeededRng::new(3),
+        &Device::Cpu,
+    )
+    .unwrap();
+    network.attach(&mut dit, 1.0).unwrap();
+
+    let validator = Validator::new(
+        &ValidationOptions {
+            dataset_config: toml.clone(),
+            every_n_steps: Some(1),
+            every_n_epochs: None,
+            timesteps: vec![250.0, 750.0],
+            seed: 4,
+            max_steps: None,
+        },
+        ARCHITECTURE,
+    )
+    .unwrap();
+    assert_eq!(validator.items(), 3);
+    assert_eq!(
+        validator.batches.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+
+    for (sampling, weighting) in [
+        (TimestepSampling::Sigma, WeightingScheme::None),
+        (TimestepSampling::Flux2Shift, WeightingScheme::SigmaSqrt),
+    ] {
+        let timesteps = TimestepConfig {
+            sampling,
+            weighting_scheme: weighting,
+            ..TimestepConfig::default()
+        };
+        // An untrained LoRA (zero up matrices).
+        let first = validator
+            .evaluate(&dit, &timesteps, 1.0, &Device::Cpu)
+            .unwrap();
+        let second = validator
+            .evaluate(&dit, &timesteps, 1.0, &Device::Cpu)
+            .unwrap();
+        assert_eq!(first, second, "two evaluations differ");
+        let direct = direct_loss(&validator, &dit, &timesteps);
+        let relative = (first - direct).abs() / direct.abs();
+        println!("untrained {sampling:?}: validation {first} direct {direct} rel {relative:e}");
+        assert!(relative < 1e-5, "{first} vs {direct} ({relative:e})");
+    }
+
+    // A LoRA with non-zero up matrices changes the validation loss, which again equals the
+    // direct loss: the validation runs through the attached LoRA.
+    let timesteps = TimestepConfig::default();
+    let untrained = validator
+        .evaluate(&dit, &timesteps, 1.0, &Device::Cpu)
+        .unwrap();
+    let mut rng = SeededRng::new(17);
+    for module in &network.modules {
+        module
+            .up
+            .set(&(random(module.up.dims(), &mut rng) * 0.2).unwrap())
+            .unwrap();
+    }
+    let trained = validator
+        .evaluate(&dit, &timesteps, 1.0, &Device::Cpu)
+        .unwrap();
+    let direct = direct_loss(&validator, &dit, &timesteps);
+    let relative = (trained - direct).abs() / direct.abs();
+    println!(
+        "with LoRA: validation {trained} (untrained {untrained}) direct {direct} rel {relative:e}"
+    );
+    assert!((trained - untrained).abs() > 1e-4 * untrained);
+    assert!(relative < 1e-5, "{trained} vs {direct} ({relative:e})");
+
+    // --max_validation_steps 1 keeps the first batch only.
+    let first_batch = Validator::new(
+        &ValidationOptions {
+            dataset_config: toml,
+            every_n_steps: None,
+            every_n_epochs: None,
+            timesteps: vec![500.0],
+            seed: 4,
+            max_steps: Some(1),
+        },
+        ARCHITECTURE,
+    )
+    .unwrap();
+    assert_eq!(first_batch.items(), 2);
+}
+
+#[test]
+fn an_empty_validation_set_and_bad_timesteps_are_refused() {
+    let dir = std::env::temp_dir().join(format!("flux2-validation-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    let toml = dir.join("empty.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[datasets]]\nimage_directory = \"{}\"\nresolution = [32, 32]\n",
+            dir.join("images").display()
+        ),
+    )
+    .unwrap();
+    let options = ValidationOptions {
+        dataset_config: toml.clone(),
+        every_n_steps: None,
+        every_n_epochs: None,
+        timesteps: vec![500.0],
+        seed: 1,
+        max_steps: None,
+    };
+    let message = Validator::new(&options, ARCHITECTURE)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("--validation_dataset_config"), "{message}");
+    assert!(message.contains("empty.toml"), "{message}");
+    assert!(message.contains("cache-text-encoder-outputs"), "{message}");
+    let bad = ValidationOptions {
+        timesteps: vec![1500.0],
+        ..options
+    };
+    let message = Validator::new(&bad, ARCHITECTURE)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("1500"), "{message}");
+}
