@@ -368,12 +368,14 @@ fn save_latent(
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    if args.dry_run {
-        return crate::plan::dry_run_generate(args);
-    }
+    // The flag checks come first, so that `--dry_run` refuses what a real run refuses.
     refuse_unsupported(args)?;
     let version: ModelVersion = args.model_version.parse()?;
     let output = output_type(&args.output_type)?;
+    if args.dry_run {
+        lora_specs(args)?;
+        return crate::plan::dry_run_generate(args);
+    }
     let device = parse_device(args.device.as_deref())?;
     AttentionMode::parse(&args.attn_mode)?.apply(&device);
     if args.lycoris {

@@ -266,12 +266,18 @@ pub struct TrainArgs {
     /// Keep only the state folders of the last N steps.
     #[arg(long)]
     pub save_last_n_steps_state: Option<usize>,
-    /// Not implemented yet (refused).
+    /// After each step, scale down every LoRA module whose update (scale * up @ down) has a
+    /// Frobenius norm above this value to exactly this value (max-norm regularisation, as Musubi;
+    /// logged as max_norm/keys_scaled, average_key_norm, max_key_norm).
     #[arg(long)]
     pub scale_weight_norms: Option<f64>,
-    /// Not implemented yet (refused).
+    /// LoRA files (any format generate reads) merged into the DiT before training; the new LoRA
+    /// trains on top of them. Merged in full precision, before any fp8 quantisation.
     #[arg(long, num_args = 1..)]
     pub base_weights: Vec<PathBuf>,
+    /// One multiplier per --base_weights file (default 1.0 each).
+    #[arg(long, num_args = 1..)]
+    pub base_weights_multiplier: Vec<f64>,
     /// torch.compile does not exist here (refused).
     #[arg(long)]
     pub compile: bool,
@@ -332,7 +338,7 @@ fn refuse_unsupported(args: &TrainArgs) -> Result<()> {
         args.use_pinned_memory_for_block_swap,
         args.block_swap_h2d_only,
     )?;
-    let refused: [(&str, bool, &str); 6] = [
+    let refused: [(&str, bool, &str); 4] = [
         (
             "--xformers",
             args.xformers,
@@ -352,16 +358,6 @@ fn refuse_unsupported(args: &TrainArgs) -> Result<()> {
             "--compile",
             args.compile,
             "torch.compile does not exist in this program",
-        ),
-        (
-            "--scale_weight_norms",
-            args.scale_weight_norms.is_some(),
-            "not implemented yet",
-        ),
-        (
-            "--base_weights",
-            !args.base_weights.is_empty(),
-            "not implemented yet",
         ),
     ];
     for (flag, given, why) in refused {
@@ -416,12 +412,7 @@ pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
             args.timestep_sampling
         );
     }
-    let dit_dtype = match args.mixed_precision.as_str() {
-        "bf16" => DType::BF16,
-        "no" => DType::F32,
-        "fp16" => bail!("--mixed_precision fp16: FLUX.2 trains in bf16 or f32 (no)"),
-        other => bail!("--mixed_precision: `{other}` is not one of bf16, no"),
-    };
+    let dit_dtype = dit_dtype(&args.mixed_precision)?;
     let mut network = NetworkConfig {
         dim: args.network_dim.unwrap_or(4),
         alpha: args.network_alpha,
@@ -535,8 +526,58 @@ pub fn options(args: &TrainArgs) -> Result<TrainOptions> {
         fp8: fp8_mode(args)?,
         gradient_checkpointing_cpu_offload: activation_offload(args)?,
         masked_loss: args.masked_loss,
+        base_weights: flux2_tuner::train::base_weights::pair_multipliers(
+            &args.base_weights,
+            &args.base_weights_multiplier,
+        )?,
+        scale_weight_norms: scale_weight_norms(args.scale_weight_norms)?,
     })
 }
+
+// --- Flag checks shared by `options` and `--dry_run` ---
+
+/// The checks of [`options`] that read no file, run by `--dry_run` before it plans, so that a
+/// flag this build refuses is refused there too instead of planned. Paths are not required here:
+/// the plan works from the version table when they are missing.
+pub fn check_flags(args: &TrainArgs) -> Result<()> {
+    refuse_unsupported(args)?;
+    let _: ModelVersion = args.model_version.parse()?;
+    TimestepSampling::parse(&args.timestep_sampling)?;
+    WeightingScheme::parse(&args.weighting_scheme)?;
+    dit_dtype(&args.mixed_precision)?;
+    NetworkConfig::default().apply_args(&args.network_args)?;
+    save_precision(&args.save_precision)?;
+    fp8_mode(args)?;
+    activation_offload(args)?;
+    validation_options(args, 0)?;
+    flux2_tuner::train::base_weights::pair_multipliers(
+        &args.base_weights,
+        &args.base_weights_multiplier,
+    )?;
+    scale_weight_norms(args.scale_weight_norms)?;
+    Ok(())
+}
+
+/// `--mixed_precision`: the DiT's compute dtype.
+fn dit_dtype(value: &str) -> Result<DType> {
+    Ok(match value {
+        "bf16" => DType::BF16,
+        "no" => DType::F32,
+        "fp16" => bail!("--mixed_precision fp16: FLUX.2 trains in bf16 or f32 (no)"),
+        other => bail!("--mixed_precision: `{other}` is not one of bf16, no"),
+    })
+}
+
+fn scale_weight_norms(value: Option<f64>) -> Result<Option<f64>> {
+    match value {
+        Some(limit) if limit <= 0.0 || !limit.is_finite() => {
+            bail!("--scale_weight_norms: {limit} must be a positive number")
+        }
+        limit => Ok(limit),
+    }
+}
+
+// --- end of the shared flag checks ---
 
 /// `--fp8_base` / `--fp8_scaled` (issue 9). Musubi's `--fp8_base` alone casts every DiT weight to
 /// unscaled F8E4M3; the FLUX.2 docs say to always add `--fp8_scaled`, and an unscaled cast flushes
@@ -654,6 +695,7 @@ impl TrainObserver for TrainProgress {
 
 pub fn run(args: &TrainArgs) -> Result<()> {
     if args.dry_run {
+        check_flags(args)?;
         return crate::plan::dry_run_train(args);
     }
     let mut options = options(args)?;

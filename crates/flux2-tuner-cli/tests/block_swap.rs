@@ -154,6 +154,31 @@ fn generate_with_swap_gives_the_same_pixels() {
     );
 }
 
+#[test]
+fn generate_fp8_with_swap_gives_the_fp8_pixels() {
+    let dir = temp_dir("generate-fp8");
+    let dit = write_dit(&dir);
+    let dense = dir.join("dense");
+    run_ok(&generate_args(&dit, &dense));
+    let fp8 = dir.join("fp8");
+    let mut args = generate_args(&dit, &fp8);
+    args.push("--fp8_scaled".into());
+    run_ok(&args);
+    let swapped = dir.join("fp8-swapped");
+    let mut args = generate_args(&dit, &swapped);
+    args.extend(strings(&["--fp8_scaled", "--blocks_to_swap", "3"]));
+    let output = run_ok(&args);
+    assert!(
+        text(&output).contains("2 double + 3 single blocks in host memory"),
+        "{}",
+        text(&output)
+    );
+    let pixels = png_pixels(&fp8);
+    // fp8 changed the weights (so it was applied), and the swapped run used the same weights.
+    assert_ne!(pixels, png_pixels(&dense), "--fp8_scaled changed nothing");
+    assert_eq!(png_pixels(&swapped), pixels);
+}
+
 /// Two 64x64 images with captions and a dataset TOML, cached with the golden klein TE and AE.
 fn cached_dataset(dir: &Path) -> PathBuf {
     let images = dir.join("images");

@@ -234,3 +234,55 @@ fn plan_needs_a_vram_size_without_cuda_and_refuses_bad_values() {
         "{output}"
     );
 }
+
+#[test]
+fn dry_run_refuses_what_a_real_run_refuses() {
+    // The flag checks run before the plan: a refused flag is named, not planned.
+    let output = run(&[
+        "train",
+        "--dry_run",
+        "--model_version",
+        "klein-4b",
+        "--device",
+        "cpu",
+        "--vram_gb",
+        "80",
+        "--xformers",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("--xformers"),
+        "{stderr}"
+    );
+    // A value check of `options` that needs no file runs too.
+    let output = run(&[
+        "train",
+        "--dry_run",
+        "--model_version",
+        "klein-4b",
+        "--device",
+        "cpu",
+        "--fp8_scaled",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("--fp8_scaled needs --fp8_base"),
+        "{stderr}"
+    );
+    let output = run(&[
+        "generate",
+        "--dry_run",
+        "--model_version",
+        "klein-4b",
+        "--prompt",
+        "a cat",
+        "--device",
+        "cpu",
+        "--compile",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("--compile"),
+        "{stderr}"
+    );
+}

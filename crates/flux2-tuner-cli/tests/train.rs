@@ -235,6 +235,60 @@ fn cache_train_resume_and_generate_agree() {
         .clone();
     assert_eq!(dropout_metadata["ss_network_dropout"], "0.3");
 
+    // 2c. --base_weights merges a LoRA before training: the first loss equals that of a run
+    // continuing from the same LoRA unmerged (--network_weights), same seed and batch.
+    let step6 = full.join("e2e-step00000006.safetensors").display().to_string();
+    let based = dir.join("base-weights");
+    let mut based_args = train_args(&config, &based, 1);
+    based_args.extend(strings(&["--base_weights", &step6, "--base_weights_multiplier", "1.0"]));
+    run(&based_args);
+    let continued = dir.join("continued");
+    let mut continued_args = train_args(&config, &continued, 1);
+    continued_args.extend(strings(&["--network_weights", &step6]));
+    run(&continued_args);
+    let (based_loss, continued_loss) = (
+        losses(&based.join("logs"))[0],
+        losses(&continued.join("logs"))[0],
+    );
+    assert!(
+        (based_loss - continued_loss).abs() <= 1e-4 * continued_loss.abs(),
+        "merged base {based_loss} vs unmerged {continued_loss}"
+    );
+    assert!((based_loss - full_losses[0]).abs() > 1e-3 * full_losses[0].abs());
+
+    // 2d. --scale_weight_norms caps every module's update norm (scale * up @ down) in the saved
+    // LoRA, and logs the max-norm values.
+    let capped = dir.join("capped");
+    let limit = 0.02f32;
+    let mut capped_args = train_args(&config, &capped, 3);
+    capped_args.extend(strings(&["--scale_weight_norms", &limit.to_string()]));
+    run(&capped_args);
+    let capped_file = Checkpoint::open(&capped.join("e2e.safetensors")).unwrap();
+    let mut largest = 0f32;
+    for key in capped_file.keys().filter(|k| k.ends_with(".lora_down.weight")) {
+        let name = key.trim_end_matches(".lora_down.weight");
+        let load = |k: String| capped_file.load(&k, DType::F32, &Device::Cpu).unwrap();
+        let down = load(format!("{name}.lora_down.weight"));
+        let up = load(format!("{name}.lora_up.weight"));
+        let alpha = load(format!("{name}.alpha")).to_vec0::<f32>().unwrap();
+        let scale = alpha / down.dim(0).unwrap() as f32;
+        let norm = (up.matmul(&down).unwrap() * scale as f64)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        largest = largest.max(norm);
+    }
+    assert!(largest <= limit * 1.0001, "largest update norm {largest} over {limit}");
+    assert!(largest >= limit * 0.9999, "no module reached the cap: {largest}");
+    let capped_log = std::fs::read_to_string(capped.join("logs/e2e.jsonl")).unwrap();
+    assert!(capped_log.contains("max_norm/keys_scaled"), "{capped_log}");
+
     // 3. Ctrl-C (SIGINT) saves the LoRA and a resumable state, and exits cleanly.
     let interrupted = dir.join("interrupted");
     let mut long_run = train_args(&config, &interrupted, 100_000);

@@ -283,3 +283,101 @@ fn lora_dropouts_are_seeded_and_training_only() {
         assert_eq!(difference(a, b), 0.0, "the same seed gave other masks");
     }
 }
+
+#[test]
+fn gradient_checkpointing_replays_the_lora_dropout_masks() {
+    let dir = std::env::temp_dir().join(format!("flux2-ckpt-dropout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dit.safetensors");
+    write_random_dit(&config(), &path, 19, DType::F32).unwrap();
+    let mut dit = Flux2Dit::load(
+        &Checkpoint::open(&path).unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut network_config = NetworkConfig {
+        dropout: Some(0.3),
+        ..NetworkConfig::default()
+    };
+    network_config
+        .apply_args(&["rank_dropout=0.25".into(), "module_dropout=0.2".into()])
+        .unwrap();
+    let mut rng = SeededRng::new(6);
+    let network = LoraNetwork::new(&dit.config, network_config, &mut rng, &Device::Cpu).unwrap();
+    for module in &network.modules {
+        let up = (random(module.up.dims(), &mut rng) * 0.1).unwrap();
+        module.up.set(&up).unwrap();
+    }
+    network.attach(&mut dit, 1.0).unwrap();
+    let parameters: Vec<_> = network.parameters().into_iter().map(|(p, _)| p).collect();
+    let dropout = network.dropout.clone().unwrap();
+
+    let latents = random(&[2, 128, 2, 3], &mut rng);
+    let noise = random(&[2, 128, 2, 3], &mut rng);
+    let text = random(&[2, 5, 24], &mut rng);
+    let batch = StepBatch {
+        latents: &latents,
+        noise: &noise,
+        sigmas: &[0.3, 0.8],
+        model_timesteps: &[0.301, 0.801],
+        text: &text,
+        controls: &[],
+        guidance: Some(1.0),
+        weights: &[1.0, 2.0],
+    };
+    let start = dropout.rng_state();
+    let full = training_step(&dit, &batch, &parameters, false).unwrap();
+    let after_full = dropout.rng_state();
+    assert_ne!(after_full, start, "the dropouts drew no mask");
+    dropout.set_rng_state(start);
+    let checkpointed = training_step(&dit, &batch, &parameters, true).unwrap();
+    assert_eq!(
+        dropout.rng_state(),
+        after_full,
+        "the generator state after the checkpointed step differs"
+    );
+
+    let relative = (full.loss - checkpointed.loss).abs() / full.loss.abs();
+    println!(
+        "loss full {} checkpointed {} rel {relative:e}",
+        full.loss, checkpointed.loss
+    );
+    assert!(relative <= 1e-5, "losses differ by {relative:e}");
+    let mut worst = 0f32;
+    let mut nonzero = 0;
+    for (a, b) in full.gradients.iter().zip(&checkpointed.gradients) {
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let error = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if scale > 0.0 {
+            nonzero += 1;
+            worst = worst.max(error / scale);
+        } else {
+            // A module skipped by module dropout has no gradient in both.
+            assert_eq!(
+                error, 0.0,
+                "a skipped module got a gradient in one path only"
+            );
+        }
+    }
+    println!(
+        "{nonzero} of {} gradients non-zero, worst rel {worst:e}",
+        parameters.len()
+    );
+    assert!(nonzero > parameters.len() / 2);
+    assert!(worst < 1e-5, "checkpointed gradients differ by {worst}");
+}

@@ -12,8 +12,8 @@ use flux2_tuner::data::cache::{
 use flux2_tuner::models::dit::writer::write_random_dit;
 use flux2_tuner::models::dit::{DitConfig, Flux2Dit};
 use flux2_tuner::train::data::load_batch;
-use flux2_tuner::train::network::{LoraNetwork, NetworkConfig};
-use flux2_tuner::train::step::{training_forward, StepBatch};
+use flux2_tuner::train::network::{with_detached_adapters, LoraNetwork, NetworkConfig};
+use flux2_tuner::train::step::{evaluation_loss, training_forward, StepBatch};
 use flux2_tuner::train::timesteps::{TimestepConfig, TimestepSampling, WeightingScheme};
 use flux2_tuner::train::validation::{model_timestep, ValidationOptions, Validator};
 use flux2_tuner::util::rng::SeededRng;
@@ -168,10 +168,10 @@ fn validation_loss_is_the_training_loss_at_fixed_timesteps_and_noise() {
         };
         // An untrained LoRA (zero up matrices).
         let first = validator
-            .evaluate(&dit, &timesteps, 1.0, &Device::Cpu)
+            .evaluate(&mut dit, &timesteps, 1.0, &Device::Cpu)
             .unwrap();
         let second = validator
-            .evaluate(&dit, &timesteps, 1.0, &Device::Cpu)
+            .evaluate(&mut dit, &timesteps, 1.0, &Device::Cpu)
             .unwrap();
         assert_eq!(first, second, "two evaluations differ");
         let direct = direct_loss(&validator, &dit, &timesteps);
@@ -184,7 +184,7 @@ fn validation_loss_is_the_training_loss_at_fixed_timesteps_and_noise() {
     // direct loss: the validation runs through the attached LoRA.
     let timesteps = TimestepConfig::default();
     let untrained = validator
-        .evaluate(&dit, &timesteps, 1.0, &Device::Cpu)
+        .evaluate(&mut dit, &timesteps, 1.0, &Device::Cpu)
         .unwrap();
     let mut rng = SeededRng::new(17);
     for module in &network.modules {
@@ -194,7 +194,7 @@ fn validation_loss_is_the_training_loss_at_fixed_timesteps_and_noise() {
             .unwrap();
     }
     let trained = validator
-        .evaluate(&dit, &timesteps, 1.0, &Device::Cpu)
+        .evaluate(&mut dit, &timesteps, 1.0, &Device::Cpu)
         .unwrap();
     let direct = direct_loss(&validator, &dit, &timesteps);
     let relative = (trained - direct).abs() / direct.abs();
@@ -258,4 +258,118 @@ fn an_empty_validation_set_and_bad_timesteps_are_refused() {
         .unwrap()
         .to_string();
     assert!(message.contains("1500"), "{message}");
+}
+
+/// The loss as validation computed it before the LoRA tensors were detached: the inference
+/// forward straight through the attached `Var`s (the graph is recorded), no controls.
+fn attached_loss(dit: &Flux2Dit, batch: &StepBatch) -> Tensor {
+    use flux2_tuner::models::dit::tokens::{
+        image_position_ids, pack_latents, text_position_ids, unpack_tokens,
+    };
+    let (size, _, height, width) = batch.latents.dims4().unwrap();
+    let per_sample = |values: &[f64]| {
+        let values: Vec<f32> = values.iter().map(|v| *v as f32).collect();
+        Tensor::from_vec(values, (size, 1, 1, 1), &Device::Cpu).unwrap()
+    };
+    let sigma = per_sample(batch.sigmas);
+    let noisy = (batch
+        .latents
+        .broadcast_mul(&(1.0 - &sigma).unwrap())
+        .unwrap()
+        + batch.noise.broadcast_mul(&sigma).unwrap())
+    .unwrap();
+    let timesteps: Vec<f32> = batch.model_timesteps.iter().map(|t| *t as f32).collect();
+    let output = dit
+        .forward(&flux2_tuner::models::dit::DitInput {
+            image_tokens: &pack_latents(&noisy).unwrap(),
+            image_position_ids: &image_position_ids(size, height, width, 0, &Device::Cpu).unwrap(),
+            text_embeddings: batch.text,
+            text_position_ids: &text_position_ids(size, batch.text.dim(1).unwrap(), &Device::Cpu)
+                .unwrap(),
+            timesteps: &Tensor::from_vec(timesteps, size, &Device::Cpu).unwrap(),
+            guidance: Some(&Tensor::full(1f32, size, &Device::Cpu).unwrap()),
+        })
+        .unwrap();
+    let tokens = output.narrow(1, 0, height * width).unwrap();
+    let prediction = unpack_tokens(&tokens, height, width).unwrap();
+    let target = (batch.noise - batch.latents).unwrap();
+    (prediction - target)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .broadcast_mul(&per_sample(batch.weights))
+        .unwrap()
+        .mean_all()
+        .unwrap()
+}
+
+#[test]
+fn validation_records_no_graph_through_the_lora() {
+    let dir = std::env::temp_dir().join(format!("flux2-validation-graph-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dit_path = dir.join("dit.safetensors");
+    write_random_dit(&config(), &dit_path, 37, DType::F32).unwrap();
+    let mut dit = Flux2Dit::load(
+        &Checkpoint::open(&dit_path).unwrap(),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut rng = SeededRng::new(9);
+    let network = LoraNetwork::new(
+        &dit.config,
+        NetworkConfig::default(),
+        &mut rng,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for module in &network.modules {
+        module
+            .up
+            .set(&(random(module.up.dims(), &mut rng) * 0.2).unwrap())
+            .unwrap();
+    }
+    network.attach(&mut dit, 1.0).unwrap();
+    let latents = random(&[2, 128, 2, 2], &mut rng);
+    let noise = random(&[2, 128, 2, 2], &mut rng);
+    let text = random(&[2, 6, 24], &mut rng);
+    let batch = StepBatch {
+        latents: &latents,
+        noise: &noise,
+        sigmas: &[0.25, 0.75],
+        model_timesteps: &[0.25, 0.75],
+        text: &text,
+        controls: &[],
+        guidance: Some(1.0),
+        weights: &[1.0, 0.5],
+    };
+
+    // A LoRA-carrying layer records a graph through the attached `Var`s, not through the
+    // detached views. (On the CPU the fused inference kernels cut the graph before the loss; on
+    // other devices it would reach the loss and keep every activation alive.)
+    let x = random(&[2, 4, 32], &mut rng);
+    let mlp_tracks = |dit: &Flux2Dit| dit.double_blocks[0].img_mlp.forward(&x).unwrap().track_op();
+    assert!(mlp_tracks(&dit), "the attached LoRA records no graph");
+    assert!(!with_detached_adapters(&mut dit, |dit| mlp_tracks(dit)));
+    assert!(mlp_tracks(&dit), "the adapters were not restored");
+
+    let attached = attached_loss(&dit, &batch);
+    let loss = evaluation_loss(&mut dit, &batch).unwrap();
+    assert!(!loss.track_op(), "the validation loss tracks an op");
+    let (attached, loss) = (
+        attached.to_scalar::<f32>().unwrap(),
+        loss.to_scalar::<f32>().unwrap(),
+    );
+    println!("validation loss {loss} attached {attached}");
+    assert_eq!(loss.to_bits(), attached.to_bits(), "{loss} vs {attached}");
+
+    // The adapters are the network's `Var`s again afterwards: training still reaches them.
+    assert!(mlp_tracks(&dit));
+    let trained = training_forward(&dit, &batch).unwrap();
+    let gradients = trained.loss.backward().unwrap();
+    assert!(network
+        .modules
+        .iter()
+        .all(|module| gradients.get(module.up.as_tensor()).is_some()));
 }

@@ -185,14 +185,26 @@ pub fn load_dit(
     if config.blocks_to_swap > 0 {
         return crate::offload::generation::load_swapped_dit(config, &checkpoint, loras, observer);
     }
-    // fp8 (`--fp8` / `--fp8_scaled`): each block linear is quantised as it is read, unless LoRAs
-    // are merged into the full-precision weights first (as Musubi), then it happens after merging.
+    load_dit_with_loras(config, &checkpoint, &config.device, loras, observer)
+}
+
+/// Loads the DiT onto `device` and applies `loras` (read for `device`), with the fp8 rule shared
+/// by the plain and the block-swap paths: with `--fp8` / `--fp8_scaled` each block linear is
+/// quantised as it is read, unless LoRAs are merged into the full-precision weights first (as
+/// Musubi); then it happens after merging.
+pub fn load_dit_with_loras(
+    config: &GeneratorConfig,
+    checkpoint: &Checkpoint,
+    device: &Device,
+    loras: &[(LoraFile, f64)],
+    observer: &mut dyn GenerateObserver,
+) -> Result<Flux2Dit> {
     let quantise_after_merge = config.merge_loras && !loras.is_empty();
     let mut dit = Flux2Dit::load_with_fp8(
-        &checkpoint,
+        checkpoint,
         Some(config.version),
         config.dit_dtype,
-        &config.device,
+        device,
         if quantise_after_merge {
             crate::quant::Fp8Mode::Off
         } else {

@@ -380,6 +380,37 @@ impl LoraNetwork {
     }
 }
 
+/// Runs `f` with every adapter's tensors swapped for detached views of the same storage and
+/// without dropouts, then puts the originals back (even when `f` fails). The LoRA `Var`s would
+/// otherwise make candle record a graph through every LoRA matmul and keep its activations alive
+/// (sampling and validation run the DiT with the LoRA attached but need no gradients).
+pub fn with_detached_adapters<T>(dit: &mut Flux2Dit, f: impl FnOnce(&Flux2Dit) -> T) -> T {
+    let mut saved: HashMap<String, Vec<LoraAdapter>> = HashMap::new();
+    for (name, linear) in dit.linears_mut() {
+        if linear.adapters.is_empty() {
+            continue;
+        }
+        let detached = linear
+            .adapters
+            .iter()
+            .map(|adapter| LoraAdapter {
+                down: adapter.down.detach(),
+                up: adapter.up.detach(),
+                scale: adapter.scale,
+                dropout: None,
+            })
+            .collect();
+        saved.insert(name, std::mem::replace(&mut linear.adapters, detached));
+    }
+    let result = f(dit);
+    for (name, linear) in dit.linears_mut() {
+        if let Some(adapters) = saved.remove(&name) {
+            linear.adapters = adapters;
+        }
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,6 @@
 //!   (UTC time; the seed only when the file gave it), with the generation parameters in PNG text
 //!   chunks as `generate` writes them.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -36,13 +35,13 @@ use crate::models::ae::AutoEncoder;
 use crate::models::dit::Flux2Dit;
 use crate::models::version::TextEncoderKind;
 use crate::models::ModelVersion;
-use crate::nn::LoraAdapter;
 use crate::quant::Fp8Mode;
 use crate::sample::generate::{
     decode_image, encode_controls, encode_prompts, preflight, sample_latents, Conditioning,
     GeneratorConfig, Silent,
 };
 use crate::sample::request::ImageRequest;
+use crate::train::network::with_detached_adapters;
 use crate::train::sample_prompts::{load_sample_prompts, SamplePrompt};
 use crate::train::trainer::{TrainObserver, TrainOptions};
 
@@ -243,10 +242,7 @@ impl TrainingSamples {
         event: SampleEvent,
         observer: &mut dyn TrainObserver,
     ) -> Result<()> {
-        let saved = detach_adapters(dit);
-        let written = self.write_all(dit, event, observer);
-        restore_adapters(dit, saved);
-        written
+        with_detached_adapters(dit, |dit| self.write_all(dit, event, observer))
     }
 
     fn write_all(
@@ -294,37 +290,6 @@ impl TrainingSamples {
 
 fn load_ae(options: &SampleOptions, device: &Device) -> Result<AutoEncoder> {
     AutoEncoder::load(&Checkpoint::open(&options.vae)?, options.vae_dtype, device)
-}
-
-/// Replaces every adapter's tensors with detached views of the same storage (the LoRA `Var`s
-/// would otherwise record an autograd graph through all sampling steps); returns the originals.
-fn detach_adapters(dit: &mut Flux2Dit) -> HashMap<String, Vec<LoraAdapter>> {
-    let mut saved = HashMap::new();
-    for (name, linear) in dit.linears_mut() {
-        if linear.adapters.is_empty() {
-            continue;
-        }
-        let detached = linear
-            .adapters
-            .iter()
-            .map(|adapter| LoraAdapter {
-                down: adapter.down.detach(),
-                up: adapter.up.detach(),
-                scale: adapter.scale,
-                dropout: None,
-            })
-            .collect();
-        saved.insert(name, std::mem::replace(&mut linear.adapters, detached));
-    }
-    saved
-}
-
-fn restore_adapters(dit: &mut Flux2Dit, mut saved: HashMap<String, Vec<LoraAdapter>>) {
-    for (name, linear) in dit.linears_mut() {
-        if let Some(adapters) = saved.remove(&name) {
-            linear.adapters = adapters;
-        }
-    }
 }
 
 /// `YYYYmmddHHMMSS` (UTC; Musubi uses local time).

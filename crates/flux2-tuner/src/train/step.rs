@@ -152,13 +152,16 @@ pub fn training_forward_masked(
     Ok(StepOutput { loss, prediction })
 }
 
-/// The loss of [`training_forward`] without recording gradients (validation, `validation.rs`):
-/// the inference kernels, LoRA dropouts off, so no generator is drawn from.
-pub fn evaluation_loss(dit: &Flux2Dit, batch: &StepBatch) -> Result<f32> {
-    let prepared = prepare_batch(dit, batch)?;
-    let output = dit.forward(&prepared.input(batch.text))?;
-    let (loss, _) = prepared.loss(&output)?;
-    Ok(loss.detach().to_scalar::<f32>()?)
+/// The scalar loss of [`training_forward`] without recording gradients (validation,
+/// `validation.rs`): the inference kernels, LoRA dropouts off, so no generator is drawn from, and
+/// the LoRA tensors detached while it runs, so candle records no graph (the loss tracks no op).
+pub fn evaluation_loss(dit: &mut Flux2Dit, batch: &StepBatch) -> Result<Tensor> {
+    crate::train::network::with_detached_adapters(dit, |dit| {
+        let prepared = prepare_batch(dit, batch)?;
+        let output = dit.forward(&prepared.input(batch.text))?;
+        let (loss, _) = prepared.loss(&output)?;
+        Ok(loss)
+    })
 }
 
 /// A finished step: the loss value and the gradient of each parameter (zeros where none).
@@ -268,9 +271,13 @@ fn checkpointed_backward(
         &prepared.rope,
     );
 
+    // LoRA dropout: each block's recompute must draw the masks of its forward (see
+    // `DropoutReplay`).
+    let mut replay = DropoutReplay::new(dit);
     let mut double_checkpoints = Vec::with_capacity(dit.double_blocks.len());
     let (mut img, mut txt) = (prepared.img.detach(), prepared.txt.detach());
     for index in 0..dit.double_blocks.len() {
+        replay.record();
         let (outputs, checkpoint) =
             checkpointed_in(store, &[img, txt], move |inputs: &[Tensor]| {
                 let block = dit.double_block(index)?;
@@ -285,6 +292,7 @@ fn checkpointed_backward(
     let mut joint = Tensor::cat(&[&txt, &img], 1)?;
     let mut single_checkpoints = Vec::with_capacity(dit.single_blocks.len());
     for index in 0..dit.single_blocks.len() {
+        replay.record();
         let (outputs, checkpoint) =
             checkpointed_in(store, &[joint], move |inputs: &[Tensor]| {
                 Ok(vec![dit
@@ -298,11 +306,13 @@ fn checkpointed_backward(
     let joint_var = Var::from_tensor(&joint)?;
     let output = dit.finish(joint_var.as_tensor(), text_length, &prepared.vec)?;
     let (loss, _) = prepared_batch.loss(&output)?;
+    let after_forward = replay.state();
     let store = loss.backward()?;
     accumulate(totals, gradients_of(&store, parameters)?)?;
     let mut joint_grad = store.get(joint_var.as_tensor()).cloned();
 
     for checkpoint in single_checkpoints.iter().rev() {
+        replay.replay_last();
         let gradients = checkpoint.backward(&[joint_grad])?;
         accumulate(totals, gradients_of(&gradients.store, parameters)?)?;
         joint_grad = gradients.inputs.into_iter().next().flatten();
@@ -315,11 +325,81 @@ fn checkpointed_backward(
         None => (None, None),
     };
     for checkpoint in double_checkpoints.iter().rev() {
+        replay.replay_last();
         let gradients = checkpoint.backward(&[img_grad, txt_grad])?;
         accumulate(totals, gradients_of(&gradients.store, parameters)?)?;
         let mut inputs = gradients.inputs.into_iter();
         img_grad = inputs.next().flatten();
         txt_grad = inputs.next().flatten();
     }
+    replay.restore(after_forward);
     Ok(loss.to_scalar::<f32>()?)
+}
+
+// --- LoRA dropout replay for the block-wise backward ---
+
+/// The LoRA dropout generator states at the start of each block's forward, so that the block's
+/// recompute in the backward draws the same masks (its gradients then belong to the forward that
+/// gave the loss). Only block linears carry LoRA (`NetworkConfig::targets`).
+struct DropoutReplay {
+    dropout: Option<std::sync::Arc<crate::nn::lora_dropout::LoraDropout>>,
+    states: Vec<(u64, Option<f64>)>,
+}
+
+impl DropoutReplay {
+    /// Finds the generator the network shares between the block adapters (none when no dropout
+    /// is set).
+    fn new(dit: &Flux2Dit) -> Self {
+        let doubles = dit.double_blocks.iter().flat_map(|block| {
+            [
+                &block.img_attn.qkv,
+                &block.img_attn.proj,
+                &block.img_mlp.layer_0,
+                &block.img_mlp.layer_2,
+                &block.txt_attn.qkv,
+                &block.txt_attn.proj,
+                &block.txt_mlp.layer_0,
+                &block.txt_mlp.layer_2,
+            ]
+        });
+        let singles = dit
+            .single_blocks
+            .iter()
+            .flat_map(|block| [&block.linear1, &block.linear2]);
+        let dropout = doubles
+            .chain(singles)
+            .flat_map(|linear| &linear.adapters)
+            .find_map(|adapter| adapter.dropout.clone())
+            .filter(|dropout| dropout.is_active());
+        Self {
+            dropout,
+            states: Vec::new(),
+        }
+    }
+
+    fn state(&self) -> Option<(u64, Option<f64>)> {
+        self.dropout.as_ref().map(|dropout| dropout.rng_state())
+    }
+
+    /// Before a block's forward.
+    fn record(&mut self) {
+        if let Some(state) = self.state() {
+            self.states.push(state);
+        }
+    }
+
+    /// Before the recompute of the last recorded block not yet replayed (blocks run backwards).
+    fn replay_last(&mut self) {
+        if let (Some(dropout), Some(state)) = (&self.dropout, self.states.pop()) {
+            dropout.set_rng_state(state);
+        }
+    }
+
+    /// After the backward: the state the forward ended in, as after a full backward (which draws
+    /// nothing), so a resumed run stays exact.
+    fn restore(&self, state: Option<(u64, Option<f64>)>) {
+        if let (Some(dropout), Some(state)) = (&self.dropout, state) {
+            dropout.set_rng_state(state);
+        }
+    }
 }

@@ -93,6 +93,12 @@ pub struct TrainOptions {
     /// `--masked_loss`: the squared error is weighted by the loss masks cached by cache-latents
     /// (`train::masked_loss`).
     pub masked_loss: bool,
+    /// `--scale_weight_norms`: the largest Frobenius norm a module's update may have after a step
+    /// (`train::max_norm`).
+    pub scale_weight_norms: Option<f64>,
+    /// `--base_weights` with their multipliers: LoRAs merged into the DiT before training
+    /// (`train::base_weights`).
+    pub base_weights: Vec<(PathBuf, f64)>,
 }
 
 /// Progress reports.
@@ -194,13 +200,28 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
     let swap = crate::offload::split_for_checkpoint(&checkpoint, options.blocks_to_swap)?;
     // Sample prompts are encoded (text encoder loaded and freed) before the DiT loads.
     let sample_images = crate::train::samples::TrainingSamples::prepare(options)?;
+    let load_device = crate::offload::load_device(swap, &options.device);
+    // Base weights are merged in full precision, so fp8 quantisation waits for the merge.
+    let merge_first = !options.base_weights.is_empty();
     let mut dit = Flux2Dit::load_with_fp8(
         &checkpoint,
         Some(options.version),
         options.dit_dtype,
-        &crate::offload::load_device(swap, &options.device),
-        options.fp8,
+        &load_device,
+        if merge_first {
+            crate::quant::Fp8Mode::Off
+        } else {
+            options.fp8
+        },
     )?;
+    if merge_first {
+        crate::train::base_weights::merge_base_weights(
+            &mut dit,
+            &options.base_weights,
+            &load_device,
+        )?;
+        dit.quantize_blocks(options.fp8)?;
+    }
     if !swap.is_empty() {
         crate::offload::enable_block_swap(&mut dit, swap, &options.device)?;
     }
@@ -392,6 +413,10 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
             }
             let lr = options.learning_rate * schedule.factor(state.global_step, total_steps);
             optimizer.step(&gradients, lr)?;
+            let max_norm = match options.scale_weight_norms {
+                Some(limit) => Some(crate::train::max_norm::apply_max_norm(&network, limit)?),
+                None => None,
+            };
             // The rate to log: Adafactor's own under relative_step; Prodigy also logs d·lr.
             let lr = optimizer.own_learning_rate().unwrap_or(lr);
             let d_lr = optimizer.distance_estimate().map(|d| d * lr);
@@ -412,6 +437,16 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
                 if let Some(d_lr) = d_lr {
                     values.push(SummaryValue::Scalar("lr/d*lr/unet", d_lr as f32));
                 }
+                if let Some(report) = max_norm {
+                    values.extend([
+                        SummaryValue::Scalar("max_norm/keys_scaled", report.keys_scaled as f32),
+                        SummaryValue::Scalar(
+                            "max_norm/average_key_norm",
+                            report.average_key_norm as f32,
+                        ),
+                        SummaryValue::Scalar("max_norm/max_key_norm", report.max_key_norm as f32),
+                    ]);
+                }
                 log.log(state.global_step, &values)?;
             }
             step_timesteps.clear();
@@ -419,7 +454,7 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
                 let epoch_ended =
                     index + 1 == epoch_batches.len() || state.global_step >= total_steps;
                 validator.after_step(
-                    &dit,
+                    &mut dit,
                     &options.timesteps,
                     options.guidance,
                     &options.device,

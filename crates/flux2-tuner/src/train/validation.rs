@@ -6,7 +6,8 @@
 //! evenly spaced inside `[min_timestep, max_timestep]`, sd-scripts' `linspace(...)[1:-1]`, so 200,
 //! 400, 600, 800) and with the same noise (drawn per item from the validation seed), so the value
 //! changes only when the LoRA does. It runs without gradients (the inference kernels, LoRA
-//! dropouts off) and never draws from the training generators, so training is unchanged by it.
+//! dropouts off, the LoRA tensors detached so no graph is recorded) and never draws from the
+//! training generators, so training is unchanged by it.
 //! Differences from sd-scripts: a separate dataset TOML instead of `validation_split`, the
 //! timesteps are a flag (`--validation_timesteps`), the mean is per item (batches weighted by their
 //! size), and one key, `loss/validation`, is logged; a step that ends an epoch validates once.
@@ -183,7 +184,7 @@ impl Validator {
     /// weighting scheme.
     pub fn evaluate(
         &self,
-        dit: &Flux2Dit,
+        dit: &mut Flux2Dit,
         timesteps: &TimestepConfig,
         guidance: f64,
         device: &Device,
@@ -212,7 +213,8 @@ impl Validator {
                         guidance: Some(guidance),
                         weights: &weights,
                     },
-                )?;
+                )?
+                .to_scalar::<f32>()?;
                 total += f64::from(loss) * size as f64;
             }
         }
@@ -223,7 +225,7 @@ impl Validator {
     #[allow(clippy::too_many_arguments)]
     pub fn after_step(
         &mut self,
-        dit: &Flux2Dit,
+        dit: &mut Flux2Dit,
         timesteps: &TimestepConfig,
         guidance: f64,
         device: &Device,
