@@ -227,8 +227,9 @@ pub fn run(args: &SelftestArgs) -> Result<()> {
             ]
             .map(String::from),
         )?;
+        // Two latent and two text caches, plus the empty-prompt embedding (caption dropout).
         let caches = std::fs::read_dir(dir.join("cache"))?.count();
-        ensure!(caches == 4, "expected 4 cache files, found {caches}");
+        ensure!(caches == 5, "expected 5 cache files, found {caches}");
         Ok("2 text caches".into())
     })?;
     let lora = dir.join("output/selftest.safetensors");

@@ -237,10 +237,18 @@ fn cache_train_resume_and_generate_agree() {
 
     // 2c. --base_weights merges a LoRA before training: the first loss equals that of a run
     // continuing from the same LoRA unmerged (--network_weights), same seed and batch.
-    let step6 = full.join("e2e-step00000006.safetensors").display().to_string();
+    let step6 = full
+        .join("e2e-step00000006.safetensors")
+        .display()
+        .to_string();
     let based = dir.join("base-weights");
     let mut based_args = train_args(&config, &based, 1);
-    based_args.extend(strings(&["--base_weights", &step6, "--base_weights_multiplier", "1.0"]));
+    based_args.extend(strings(&[
+        "--base_weights",
+        &step6,
+        "--base_weights_multiplier",
+        "1.0",
+    ]));
     run(&based_args);
     let continued = dir.join("continued");
     let mut continued_args = train_args(&config, &continued, 1);
@@ -265,7 +273,10 @@ fn cache_train_resume_and_generate_agree() {
     run(&capped_args);
     let capped_file = Checkpoint::open(&capped.join("e2e.safetensors")).unwrap();
     let mut largest = 0f32;
-    for key in capped_file.keys().filter(|k| k.ends_with(".lora_down.weight")) {
+    for key in capped_file
+        .keys()
+        .filter(|k| k.ends_with(".lora_down.weight"))
+    {
         let name = key.trim_end_matches(".lora_down.weight");
         let load = |k: String| capped_file.load(&k, DType::F32, &Device::Cpu).unwrap();
         let down = load(format!("{name}.lora_down.weight"));
@@ -284,8 +295,14 @@ fn cache_train_resume_and_generate_agree() {
             .unwrap();
         largest = largest.max(norm);
     }
-    assert!(largest <= limit * 1.0001, "largest update norm {largest} over {limit}");
-    assert!(largest >= limit * 0.9999, "no module reached the cap: {largest}");
+    assert!(
+        largest <= limit * 1.0001,
+        "largest update norm {largest} over {limit}"
+    );
+    assert!(
+        largest >= limit * 0.9999,
+        "no module reached the cap: {largest}"
+    );
     let capped_log = std::fs::read_to_string(capped.join("logs/e2e.jsonl")).unwrap();
     assert!(capped_log.contains("max_norm/keys_scaled"), "{capped_log}");
 

@@ -289,7 +289,10 @@ pub fn multiply<T: Copy + Send>(
     if !available() || rows == 0 {
         return available();
     }
-    assert!(a.len() >= rows * k && out.len() >= rows * n, "operands too short");
+    assert!(
+        a.len() >= rows * k && out.len() >= rows * n,
+        "operands too short"
+    );
     let depth = b.padded_depth();
     let width = b.padded_columns();
     out[..rows * n]

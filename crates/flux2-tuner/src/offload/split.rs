@@ -67,6 +67,13 @@ pub fn split_blocks_to_swap(
     double_blocks: usize,
     single_blocks: usize,
 ) -> Result<SwapSplit> {
+    // No swap needs no limit (a model with under two blocks of a type has a negative one).
+    if blocks_to_swap == 0 {
+        return Ok(SwapSplit {
+            double: 0,
+            single: 0,
+        });
+    }
     let (double, single) = musubi_split(blocks_to_swap, double_blocks, single_blocks);
     let double_limit = double_blocks as i64 - 2;
     let single_limit = single_blocks as i64 - 2;
@@ -164,5 +171,14 @@ mod tests {
         }
         let message = split_blocks_to_swap(1, 2, 2).unwrap_err().to_string();
         assert!(message.contains("cannot swap any block"), "{message}");
+    }
+
+    /// No swap is always valid, even for a model with a single block of each type.
+    #[test]
+    fn zero_is_accepted_for_any_model() {
+        for (doubles, singles) in [(1, 1), (2, 2), (8, 48)] {
+            let none = split_blocks_to_swap(0, doubles, singles).unwrap();
+            assert!(none.is_empty());
+        }
     }
 }

@@ -57,7 +57,11 @@ pub fn run_all(set: &FixtureSet, report: &mut Report) {
 
 fn load(set: &FixtureSet, file: &str, dtype: DType) -> Result<AutoEncoder> {
     let checkpoint = Checkpoint::open(&set.dir.join(file))?;
-    Ok(AutoEncoder::load(&checkpoint, dtype, &crate::fixtures::device())?)
+    Ok(AutoEncoder::load(
+        &checkpoint,
+        dtype,
+        &crate::fixtures::device(),
+    )?)
 }
 
 /// Largest relative error over the moments, the mean and the latents of an encode case.

@@ -12,9 +12,9 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use half::bf16;
 
+use super::bf16_products::rounded;
 use crate::error::{Error, Result};
 use crate::nn::amx::{self, PackedB};
-use super::bf16_products::rounded;
 
 /// `x W^T` with `x` `[rows, in]` f32 and `W` `[out, in]` bf16 (frozen), both contiguous CPU
 /// tensors; returns f32 `[rows, out]`.
@@ -194,7 +194,10 @@ mod tests {
         let expected_dx = upstream_rounded.matmul(&weight32)?;
         let backward_error = relative_difference(dx, &expected_dx)?;
         assert!(backward_error < 1e-5, "backward {backward_error}");
-        assert!(store.get(&weight).is_none(), "the frozen weight got a gradient");
+        assert!(
+            store.get(&weight).is_none(),
+            "the frozen weight got a gradient"
+        );
         Ok(())
     }
 }
