@@ -3,37 +3,9 @@
 //! the composed attention's image.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flux2-attn-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
+mod common;
+use common::{command, golden, strings, temp_dir, text};
 
 /// A klein generation on the tiny golden model, 64x64, 2 steps, on the CPU.
 fn generate_args(out: &Path, attn_mode: &str) -> Vec<String> {
@@ -79,7 +51,7 @@ fn only_png(dir: &Path) -> Vec<u8> {
 }
 
 fn assert_fails_with(args: &[String], needles: &[&str]) {
-    let output = run(args);
+    let output = command(args);
     let message = text(&output);
     assert!(!output.status.success(), "{args:?} succeeded:\n{message}");
     for needle in needles {
@@ -92,8 +64,8 @@ fn assert_fails_with(args: &[String], needles: &[&str]) {
 fn generate_accepts_musubi_names_and_flash_falls_back_on_the_cpu() {
     let mut images = Vec::new();
     for mode in ["torch", "sdpa", "flash"] {
-        let out = temp_dir(&format!("generate-{mode}"));
-        let output = run(&generate_args(&out, mode));
+        let out = temp_dir("attn", &format!("generate-{mode}"));
+        let output = command(&generate_args(&out, mode));
         let message = text(&output);
         assert!(output.status.success(), "--attn_mode {mode}:\n{message}");
         assert_eq!(
@@ -109,7 +81,7 @@ fn generate_accepts_musubi_names_and_flash_falls_back_on_the_cpu() {
 
 #[test]
 fn generate_refuses_unavailable_attention() {
-    let out = temp_dir("generate-refused");
+    let out = temp_dir("attn", "generate-refused");
     for mode in ["xformers", "sageattn"] {
         assert_fails_with(
             &generate_args(&out, mode),
@@ -125,7 +97,7 @@ fn generate_refuses_unavailable_attention() {
 /// Train checks the attention flags before anything is loaded.
 #[test]
 fn train_resolves_attn_mode_and_musubi_switches() {
-    let out = temp_dir("train");
+    let out = temp_dir("attn", "train");
     let base = |extra: &[&str]| {
         let mut args = strings(&[
             "train",
@@ -171,7 +143,7 @@ fn train_resolves_attn_mode_and_musubi_switches() {
         &["--flash_attn"],
         &[],
     ] {
-        let output = run(&base(extra));
+        let output = command(&base(extra));
         let message = text(&output);
         assert!(!output.status.success());
         assert!(

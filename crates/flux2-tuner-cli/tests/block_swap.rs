@@ -4,52 +4,16 @@
 //! upload is a real copy, so the swapped runs go through the whole copy schedule.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::DType;
 use flux2_tuner::models::dit::writer::write_random_dit;
 use flux2_tuner::models::dit::DitConfig;
-use flux2_tuner::train::log::read_scalars;
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flux2-swap-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn run_ok(args: &[String]) -> Output {
-    let output = run(args);
-    assert!(
-        output.status.success(),
-        "{args:?} failed:\n{}",
-        text(&output)
-    );
-    output
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
+mod common;
+use common::{
+    cache, command, golden, losses, make_dataset_with_buckets, run, strings, temp_dir, text,
+    train_command, TWO_SQUARES,
+};
 
 fn path(p: &Path) -> String {
     p.display().to_string()
@@ -110,15 +74,15 @@ fn png_pixels(dir: &Path) -> Vec<u8> {
 
 #[test]
 fn generate_with_swap_gives_the_same_pixels() {
-    let dir = temp_dir("generate");
+    let dir = temp_dir("swap", "generate");
     let dit = write_dit(&dir);
     let plain = dir.join("plain");
-    run_ok(&generate_args(&dit, &plain));
+    run(&generate_args(&dit, &plain));
     // N = 3 swaps 2 double + 3 single blocks.
     let swapped = dir.join("swapped");
     let mut args = generate_args(&dit, &swapped);
     args.extend(strings(&["--blocks_to_swap", "3"]));
-    let output = run_ok(&args);
+    let output = run(&args);
     assert!(
         text(&output).contains("2 double + 3 single blocks in host memory"),
         "{}",
@@ -131,7 +95,7 @@ fn generate_with_swap_gives_the_same_pixels() {
     // Too many: the error names the model's maximum.
     let mut args = generate_args(&dit, &dir.join("too-many"));
     args.extend(strings(&["--blocks_to_swap", "5"]));
-    let output = run(&args);
+    let output = command(&args);
     assert!(!output.status.success());
     assert!(
         text(&output).contains("--blocks_to_swap")
@@ -145,7 +109,7 @@ fn generate_with_swap_gives_the_same_pixels() {
         "2",
         "--use_pinned_memory_for_block_swap",
     ]));
-    let output = run(&args);
+    let output = command(&args);
     assert!(!output.status.success());
     assert!(
         text(&output).contains("--use_pinned_memory_for_block_swap"),
@@ -156,18 +120,18 @@ fn generate_with_swap_gives_the_same_pixels() {
 
 #[test]
 fn generate_fp8_with_swap_gives_the_fp8_pixels() {
-    let dir = temp_dir("generate-fp8");
+    let dir = temp_dir("swap", "generate-fp8");
     let dit = write_dit(&dir);
     let dense = dir.join("dense");
-    run_ok(&generate_args(&dit, &dense));
+    run(&generate_args(&dit, &dense));
     let fp8 = dir.join("fp8");
     let mut args = generate_args(&dit, &fp8);
     args.push("--fp8_scaled".into());
-    run_ok(&args);
+    run(&args);
     let swapped = dir.join("fp8-swapped");
     let mut args = generate_args(&dit, &swapped);
     args.extend(strings(&["--fp8_scaled", "--blocks_to_swap", "3"]));
-    let output = run_ok(&args);
+    let output = run(&args);
     assert!(
         text(&output).contains("2 double + 3 single blocks in host memory"),
         "{}",
@@ -181,58 +145,13 @@ fn generate_fp8_with_swap_gives_the_fp8_pixels() {
 
 /// Two 64x64 images with captions and a dataset TOML, cached with the golden klein TE and AE.
 fn cached_dataset(dir: &Path) -> PathBuf {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    for (index, colour) in [[200u8, 40, 40], [40, 40, 200]].iter().enumerate() {
-        let image = image::RgbImage::from_fn(64, 64, |x, y| {
-            image::Rgb([
-                colour[0].wrapping_add((x * 2) as u8),
-                colour[1].wrapping_add((y * 2) as u8),
-                colour[2],
-            ])
-        });
-        image.save(images.join(format!("item{index}.png"))).unwrap();
-        std::fs::write(
-            images.join(format!("item{index}.txt")),
-            format!("a square number {index}"),
-        )
-        .unwrap();
-    }
-    let config = dir.join("dataset.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[general]\nresolution = [64, 64]\ncaption_extension = \".txt\"\nbatch_size = 1\n\n\
-             [[datasets]]\nimage_directory = \"{}\"\ncache_directory = \"{}\"\nnum_repeats = 1\n",
-            images.display(),
-            dir.join("cache").display()
-        ),
-    )
-    .unwrap();
-    let g = golden();
-    let mut cache = strings(&["cache-latents", "--model_version", "klein-base-4b"]);
-    cache.extend(["--dataset_config".into(), path(&config)]);
-    cache.extend(["--vae".into(), path(&g.join("ae.safetensors"))]);
-    run_ok(&cache);
-    let mut cache = strings(&[
-        "cache-text-encoder-outputs",
-        "--model_version",
-        "klein-base-4b",
-    ]);
-    cache.extend(["--dataset_config".into(), path(&config)]);
-    cache.extend([
-        "--text_encoder".into(),
-        path(&g.join("klein/text_encoder/model.safetensors")),
-    ]);
-    run_ok(&cache);
+    let config = make_dataset_with_buckets(dir, &TWO_SQUARES, false);
+    cache(&config);
     config
 }
 
 fn train_args(dit: &Path, config: &Path, out: &Path) -> Vec<String> {
-    let mut args = strings(&["train", "--model_version", "klein-base-4b", "--dit"]);
-    args.push(path(dit));
-    args.extend(["--dataset_config".into(), path(config)]);
-    args.extend(["--output_dir".into(), path(out)]);
+    let mut args = train_command("klein-base-4b", dit, config, out);
     args.extend(strings(&[
         "--output_name",
         "swap",
@@ -256,33 +175,10 @@ fn train_args(dit: &Path, config: &Path, out: &Path) -> Vec<String> {
     args
 }
 
-fn losses(dir: &Path) -> Vec<f32> {
-    let mut values = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let file = entry.unwrap().path();
-        if file
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("events.out.tfevents")
-        {
-            values.extend(
-                read_scalars(&file)
-                    .unwrap()
-                    .into_iter()
-                    .filter(|s| s.tag == "loss/current")
-                    .map(|s| (s.step, s.value)),
-            );
-        }
-    }
-    values.sort_by_key(|(step, _)| *step);
-    values.into_iter().map(|(_, v)| v).collect()
-}
-
 fn train(dit: &Path, config: &Path, out: &Path, extra: &[&str]) -> Vec<f32> {
     let mut args = train_args(dit, config, out);
     args.extend(strings(extra));
-    run_ok(&args);
+    run(&args);
     let losses = losses(&out.join("logs"));
     assert_eq!(losses.len(), 2, "{out:?}");
     losses
@@ -290,7 +186,7 @@ fn train(dit: &Path, config: &Path, out: &Path, extra: &[&str]) -> Vec<f32> {
 
 #[test]
 fn train_with_swap_gives_the_same_losses() {
-    let dir = temp_dir("train");
+    let dir = temp_dir("swap", "train");
     let dit = write_dit(&dir);
     let config = cached_dataset(&dir);
     let checkpointed = train(
@@ -326,7 +222,7 @@ fn train_with_swap_gives_the_same_losses() {
 
     let mut args = train_args(&dit, &config, &dir.join("too-many"));
     args.extend(strings(&["--blocks_to_swap", "5"]));
-    let output = run(&args);
+    let output = command(&args);
     assert!(!output.status.success());
     assert!(
         text(&output).contains("maximum for this model is 4"),
@@ -339,7 +235,7 @@ fn train_with_swap_gives_the_same_losses() {
     ] {
         let mut args = train_args(&dit, &config, &dir.join("refused"));
         args.extend(strings(&["--blocks_to_swap", "2", flag]));
-        let output = run(&args);
+        let output = command(&args);
         assert!(!output.status.success());
         assert!(text(&output).contains(flag), "{}", text(&output));
     }

@@ -3,36 +3,12 @@
 //! refused flags.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::DType;
 use flux2_tuner::checkpoint::Checkpoint;
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flux2-cli-cache-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+mod common;
+use common::{command, golden, temp_dir, text};
 
 fn write_image(path: &Path, width: u32, height: u32, seed: u32) {
     image::RgbImage::from_fn(width, height, |x, y| {
@@ -85,19 +61,14 @@ fn latents_args(config: &Path) -> Vec<String> {
     ]
 }
 
-fn run_owned(args: &[String]) -> Output {
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    run(&refs)
-}
-
 #[test]
 fn help_lists_the_cache_commands_and_their_flags() {
-    let help = text(&run(&["--help"]));
+    let help = text(&command(&["--help"]));
     assert!(
         help.contains("cache-latents") && help.contains("cache-text-encoder-outputs"),
         "{help}"
     );
-    let help = text(&run(&["cache-latents", "--help"]));
+    let help = text(&command(&["cache-latents", "--help"]));
     for flag in [
         "--dataset_config",
         "--vae",
@@ -113,7 +84,7 @@ fn help_lists_the_cache_commands_and_their_flags() {
             "{flag} missing from cache-latents --help"
         );
     }
-    let help = text(&run(&["cache-text-encoder-outputs", "--help"]));
+    let help = text(&command(&["cache-text-encoder-outputs", "--help"]));
     for flag in [
         "--text_encoder",
         "--fp8_text_encoder",
@@ -126,9 +97,9 @@ fn help_lists_the_cache_commands_and_their_flags() {
 
 #[test]
 fn cache_latents_writes_caches_skips_them_and_lists_stale_ones() {
-    let root = temp_dir("latents");
+    let root = temp_dir("cli-cache", "latents");
     let config = make_dataset(&root);
-    let output = run_owned(&latents_args(&config));
+    let output = command(&latents_args(&config));
     assert!(output.status.success(), "{}", text(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -154,7 +125,7 @@ fn cache_latents_writes_caches_skips_them_and_lists_stale_ones() {
     std::fs::copy(cache.join("square_0064x0064_f2k9b.safetensors"), &stale).unwrap();
     let mut args = latents_args(&config);
     args.push("--skip_existing".into());
-    let output = run_owned(&args);
+    let output = command(&args);
     let all = text(&output);
     assert!(output.status.success(), "{all}");
     assert!(all.contains("cached 0 items, skipped 3, failed 0"), "{all}");
@@ -172,7 +143,7 @@ fn cache_latents_writes_caches_skips_them_and_lists_stale_ones() {
         "--batch_size".into(),
         "1".into(),
     ]);
-    let output = run_owned(&args);
+    let output = command(&args);
     assert!(output.status.success(), "{}", text(&output));
     let checkpoint = Checkpoint::open(&wide).unwrap();
     assert!(checkpoint.keys().any(|k| k == "latents_3x5_bfloat16"));
@@ -188,20 +159,20 @@ fn cache_latents_writes_caches_skips_them_and_lists_stale_ones() {
 
 #[test]
 fn a_bad_image_stops_the_run_naming_it_unless_skipped() {
-    let root = temp_dir("bad");
+    let root = temp_dir("cli-cache", "bad");
     let config = make_dataset(&root);
     let bad = root.join("images/broken.png");
     std::fs::write(&bad, b"definitely not an image").unwrap();
     std::fs::write(root.join("images/broken.txt"), "broken").unwrap();
     write_image(&root.join("controls/broken.png"), 32, 32, 1);
-    let output = run_owned(&latents_args(&config));
+    let output = command(&latents_args(&config));
     assert!(!output.status.success());
     let all = text(&output);
     assert!(all.contains(&bad.display().to_string()), "{all}");
 
     let mut args = latents_args(&config);
     args.push("--skip_bad_images".into());
-    let output = run_owned(&args);
+    let output = command(&args);
     let all = text(&output);
     assert!(output.status.success(), "{all}");
     assert!(all.contains("cached 3 items, skipped 0, failed 1"), "{all}");
@@ -213,17 +184,17 @@ fn a_bad_image_stops_the_run_naming_it_unless_skipped() {
 
 #[test]
 fn refused_flags_and_bad_configs_say_why() {
-    let root = temp_dir("refused");
+    let root = temp_dir("cli-cache", "refused");
     let config = make_dataset(&root);
     let mut args = latents_args(&config);
     args.extend(["--debug_mode".into(), "console".into()]);
-    let output = run_owned(&args);
+    let output = command(&args);
     assert!(!output.status.success());
     assert!(text(&output).contains("--debug_mode"), "{}", text(&output));
 
     let bad_config = root.join("bad.toml");
     std::fs::write(&bad_config, "[[datasets]]\nimage_dir = \"/x\"\n").unwrap();
-    let output = run_owned(&latents_args(&bad_config));
+    let output = command(&latents_args(&bad_config));
     let all = text(&output);
     assert!(!output.status.success());
     assert!(
@@ -231,7 +202,7 @@ fn refused_flags_and_bad_configs_say_why() {
         "{all}"
     );
 
-    let output = run(&[
+    let output = command(&[
         "cache-latents",
         "--dataset_config",
         &config.display().to_string(),
@@ -241,7 +212,7 @@ fn refused_flags_and_bad_configs_say_why() {
 
 #[test]
 fn cache_text_encoder_outputs_writes_ctx_vec_per_caption() {
-    let root = temp_dir("text");
+    let root = temp_dir("cli-cache", "text");
     let config = make_dataset(&root);
     let encoder = golden().join("klein/text_encoder/model.safetensors");
     let args = [
@@ -257,7 +228,7 @@ fn cache_text_encoder_outputs_writes_ctx_vec_per_caption() {
         "--device",
         "cpu",
     ];
-    let output = run(&args);
+    let output = command(&args);
     let all = text(&output);
     assert!(output.status.success(), "{all}");
     assert!(all.contains("cached 3 items, skipped 0, failed 0"), "{all}");
@@ -268,7 +239,7 @@ fn cache_text_encoder_outputs_writes_ctx_vec_per_caption() {
 
     let mut again = args.to_vec();
     again.push("--skip_existing");
-    let output = run(&again);
+    let output = command(&again);
     assert!(
         text(&output).contains("cached 0 items, skipped 3, failed 0"),
         "{}",

@@ -3,37 +3,13 @@
 //! message that names it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::image_io::read_png_text;
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flux2-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+mod common;
+use common::{command, golden, temp_dir, text};
 
 /// The common arguments of a klein (or dev) generation on the tiny models.
 fn model_args(variant: &str, version: &str, out: &Path) -> Vec<String> {
@@ -64,11 +40,6 @@ fn model_args(variant: &str, version: &str, out: &Path) -> Vec<String> {
     ]
 }
 
-fn run_owned(args: &[String]) -> Output {
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    run(&refs)
-}
-
 fn pngs(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
@@ -88,14 +59,14 @@ fn write_control_image(path: &Path, width: u32, height: u32) {
 
 #[test]
 fn help_lists_the_jobs_and_version_prints() {
-    let output = run(&["--help"]);
+    let output = command(&["--help"]);
     assert!(output.status.success());
     let help = text(&output);
     assert!(
         help.contains("generate") && help.contains("inspect"),
         "{help}"
     );
-    let output = run(&["generate", "--help"]);
+    let output = command(&["generate", "--help"]);
     let help = text(&output);
     for flag in [
         "--model_version",
@@ -106,13 +77,13 @@ fn help_lists_the_jobs_and_version_prints() {
     ] {
         assert!(help.contains(flag), "{flag} missing from generate --help");
     }
-    let output = run(&["--version"]);
+    let output = command(&["--version"]);
     assert!(text(&output).contains(env!("CARGO_PKG_VERSION")));
 }
 
 #[test]
 fn klein_with_lora_writes_a_png_with_its_parameters() {
-    let out = temp_dir("klein-lora");
+    let out = temp_dir("cli", "klein-lora");
     let mut args = model_args("klein", "klein-4b", &out);
     let lora = golden()
         .join("klein/lora.safetensors")
@@ -129,7 +100,7 @@ fn klein_with_lora_writes_a_png_with_its_parameters() {
         ]
         .map(String::from),
     );
-    let output = run_owned(&args);
+    let output = command(&args);
     assert!(output.status.success(), "{}", text(&output));
     assert!(text(&output).contains("s per step"), "{}", text(&output));
     let files = pngs(&out);
@@ -154,7 +125,7 @@ fn klein_with_lora_writes_a_png_with_its_parameters() {
 
 #[test]
 fn dev_with_two_control_images_and_klein_base_with_cfg() {
-    let out = temp_dir("controls");
+    let out = temp_dir("cli", "controls");
     let first = out.join("a.png");
     let second = out.join("b.png");
     write_control_image(&first, 80, 64);
@@ -172,11 +143,11 @@ fn dev_with_two_control_images_and_klein_base_with_cfg() {
     );
     args.push(first.display().to_string());
     args.push(second.display().to_string());
-    let output = run_owned(&args);
+    let output = command(&args);
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(pngs(&out).len(), 3, "two inputs and one output");
 
-    let out = temp_dir("cfg");
+    let out = temp_dir("cli", "cfg");
     let mut args = model_args("klein", "klein-base-4b", &out);
     args.extend(
         [
@@ -191,7 +162,7 @@ fn dev_with_two_control_images_and_klein_base_with_cfg() {
         ]
         .map(String::from),
     );
-    let output = run_owned(&args);
+    let output = command(&args);
     assert!(output.status.success(), "{}", text(&output));
     let chunks = read_png_text(&pngs(&out)[0]).unwrap();
     let json: serde_json::Value =
@@ -205,18 +176,18 @@ fn dev_with_two_control_images_and_klein_base_with_cfg() {
 /// The same seed gives the same image; the latent output decodes to the same image again.
 #[test]
 fn seeds_reproduce_and_latents_decode() {
-    let out = temp_dir("latents");
+    let out = temp_dir("cli", "latents");
     let mut args = model_args("klein", "klein-4b", &out);
     args.extend(["--prompt", "a tree", "--output_type", "both"].map(String::from));
-    assert!(run_owned(&args).status.success());
+    assert!(command(&args).status.success());
     let first = pngs(&out);
     let latent = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.to_string_lossy().ends_with("_latent.safetensors"))
         .unwrap();
-    let decoded = temp_dir("latents-decoded");
-    let output = run(&[
+    let decoded = temp_dir("cli", "latents-decoded");
+    let output = command(&[
         "generate",
         "--vae",
         &golden().join("ae.safetensors").display().to_string(),
@@ -229,10 +200,10 @@ fn seeds_reproduce_and_latents_decode() {
     let a = image::open(&first[0]).unwrap().to_rgb8();
     let b = image::open(&pngs(&decoded)[0]).unwrap().to_rgb8();
     assert_eq!(a.as_raw(), b.as_raw());
-    let again = temp_dir("latents-again");
+    let again = temp_dir("cli", "latents-again");
     let mut args = model_args("klein", "klein-4b", &again);
     args.extend(["--prompt", "a tree"].map(String::from));
-    assert!(run_owned(&args).status.success());
+    assert!(command(&args).status.success());
     let c = image::open(&pngs(&again)[0]).unwrap().to_rgb8();
     assert_eq!(a.as_raw(), c.as_raw());
 }
@@ -240,10 +211,10 @@ fn seeds_reproduce_and_latents_decode() {
 /// `--save_merged_model` writes a DiT in the original format with the LoRA folded in.
 #[test]
 fn merged_model_export_equals_base_plus_lora() {
-    let out = temp_dir("merged");
+    let out = temp_dir("cli", "merged");
     let target = out.join("merged.safetensors");
     let g = golden();
-    let output = run(&[
+    let output = command(&[
         "generate",
         "--model_version",
         "klein-4b",
@@ -301,7 +272,7 @@ fn merged_model_export_equals_base_plus_lora() {
 
 #[test]
 fn from_file_generates_one_image_per_line() {
-    let out = temp_dir("from-file");
+    let out = temp_dir("cli", "from-file");
     let prompts = out.join("prompts.txt");
     std::fs::write(
         &prompts,
@@ -311,7 +282,7 @@ fn from_file_generates_one_image_per_line() {
     let images = out.join("images");
     let mut args = model_args("klein", "klein-4b", &images);
     args.extend(["--from_file".to_string(), prompts.display().to_string()]);
-    let output = run_owned(&args);
+    let output = command(&args);
     assert!(output.status.success(), "{}", text(&output));
     let files = pngs(&images);
     assert_eq!(files.len(), 2);
@@ -328,7 +299,7 @@ fn from_file_generates_one_image_per_line() {
 /// Each documented bad input exits non-zero and names what is wrong.
 #[test]
 fn bad_inputs_are_named() {
-    let out = temp_dir("bad");
+    let out = temp_dir("cli", "bad");
     let g = golden();
     let check = |extra: &[&str], replace: Option<(&str, String)>, expected: &[&str]| {
         let mut args = model_args("klein", "klein-4b", &out);
@@ -338,7 +309,7 @@ fn bad_inputs_are_named() {
             let position = args.iter().position(|a| a == flag).unwrap();
             args[position + 1] = value;
         }
-        let output = run_owned(&args);
+        let output = command(&args);
         let message = text(&output);
         assert!(!output.status.success(), "succeeded: {args:?}");
         for fragment in expected {
@@ -412,8 +383,8 @@ fn bad_inputs_are_named() {
 /// `selftest` runs every job on tiny random models and reports each stage.
 #[test]
 fn selftest_passes() {
-    let keep = temp_dir("selftest");
-    let output = run(&["selftest", "--keep_dir", &keep.display().to_string()]);
+    let keep = temp_dir("cli", "selftest");
+    let output = command(&["selftest", "--keep_dir", &keep.display().to_string()]);
     let message = text(&output);
     assert!(output.status.success(), "{message}");
     assert!(
@@ -428,16 +399,16 @@ fn selftest_passes() {
 fn fp8_generation_runs() {
     let mut images = Vec::new();
     for flag in [None, Some("--fp8_scaled"), Some("--fp8")] {
-        let out = temp_dir(&format!(
-            "fp8-{}",
-            flag.unwrap_or("none").trim_start_matches('-')
-        ));
+        let out = temp_dir(
+            "cli",
+            &format!("fp8-{}", flag.unwrap_or("none").trim_start_matches('-')),
+        );
         let mut args = model_args("klein", "klein-4b", &out);
         args.extend(["--prompt", "a lake"].map(String::from));
         if let Some(flag) = flag {
             args.push(flag.to_string());
         }
-        let output = run_owned(&args);
+        let output = command(&args);
         assert!(output.status.success(), "{}", text(&output));
         images.push(image::open(&pngs(&out)[0]).unwrap().to_rgb8());
     }
@@ -459,7 +430,7 @@ fn fp8_generation_runs() {
 /// `train --config_file` reads the options from TOML; unknown keys are named; flags override.
 #[test]
 fn train_config_file_is_read_and_overridden() {
-    let out = temp_dir("config-file");
+    let out = temp_dir("cli", "config-file");
     let file = out.join("run.toml");
     let dit = golden().join("klein/dit.safetensors").display().to_string();
     std::fs::write(
@@ -471,14 +442,14 @@ fn train_config_file_is_read_and_overridden() {
         ),
     )
     .unwrap();
-    let output = run(&["train", "--config_file", &file.display().to_string()]);
+    let output = command(&["train", "--config_file", &file.display().to_string()]);
     assert!(!output.status.success());
     assert!(
         text(&output).contains("/nonexistent/from-file.toml"),
         "{}",
         text(&output)
     );
-    let output = run(&[
+    let output = command(&[
         "train",
         "--config_file",
         &file.display().to_string(),
@@ -491,7 +462,7 @@ fn train_config_file_is_read_and_overridden() {
         text(&output)
     );
     std::fs::write(&file, "learning_rat = 0.1\n").unwrap();
-    let output = run(&["train", "--config_file", &file.display().to_string()]);
+    let output = command(&["train", "--config_file", &file.display().to_string()]);
     assert!(
         !output.status.success() && text(&output).contains("learning_rat"),
         "{}",

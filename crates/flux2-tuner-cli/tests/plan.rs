@@ -1,18 +1,11 @@
 //! `flux2-tuner plan` and `--dry_run`: the output form (phases, lines, peak, fit verdict,
 //! suggestion as flags), the dataset config read for `train --dry_run`, and the errors.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+use common::{command, temp_dir};
 
 fn stdout_of(args: &[&str]) -> String {
-    let output = run(args);
+    let output = command(args);
     assert!(
         output.status.success(),
         "{args:?} failed:\n{}{}",
@@ -20,13 +13,6 @@ fn stdout_of(args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flux2-cli-plan-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// The GiB value printed on the first line containing `text`.
@@ -81,7 +67,7 @@ fn dev_training_on_24_gb_suggests_checkpointing_fp8_and_swap() {
 
 #[test]
 fn dry_run_reads_the_dataset_config_and_loads_nothing() {
-    let dir = temp_dir("dataset");
+    let dir = temp_dir("cli-plan", "dataset");
     std::fs::create_dir_all(dir.join("images")).unwrap();
     let config = dir.join("dataset.toml");
     std::fs::write(
@@ -194,7 +180,7 @@ fn plan_needs_a_vram_size_without_cuda_and_refuses_bad_values() {
     if cfg!(feature = "cuda") {
         return;
     }
-    let output = run(&[
+    let output = command(&[
         "plan",
         "train",
         "--model_version",
@@ -205,7 +191,7 @@ fn plan_needs_a_vram_size_without_cuda_and_refuses_bad_values() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--vram_gb is required"), "{stderr}");
-    let output = run(&[
+    let output = command(&[
         "plan",
         "train",
         "--model_version",
@@ -238,7 +224,7 @@ fn plan_needs_a_vram_size_without_cuda_and_refuses_bad_values() {
 #[test]
 fn dry_run_refuses_what_a_real_run_refuses() {
     // The flag checks run before the plan: a refused flag is named, not planned.
-    let output = run(&[
+    let output = command(&[
         "train",
         "--dry_run",
         "--model_version",
@@ -255,7 +241,7 @@ fn dry_run_refuses_what_a_real_run_refuses() {
         "{stderr}"
     );
     // A value check of `options` that needs no file runs too.
-    let output = run(&[
+    let output = command(&[
         "train",
         "--dry_run",
         "--model_version",
@@ -269,7 +255,7 @@ fn dry_run_refuses_what_a_real_run_refuses() {
         !output.status.success() && stderr.contains("--fp8_scaled needs --fp8_base"),
         "{stderr}"
     );
-    let output = run(&[
+    let output = command(&[
         "generate",
         "--dry_run",
         "--model_version",

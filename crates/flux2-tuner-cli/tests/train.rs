@@ -3,167 +3,27 @@
 //! run reproduces the uninterrupted one, and that the saved LoRA, loaded the way `generate` loads
 //! it, gives the trained model's output.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::lora::{KeyFilter, LoraFile};
 use flux2_tuner::models::dit::tokens::{image_position_ids, text_position_ids};
 use flux2_tuner::models::dit::{DitInput, Flux2Dit};
-use flux2_tuner::train::log::read_scalars;
 use flux2_tuner::train::network::{LoraNetwork, NetworkConfig};
 use flux2_tuner::util::rng::SeededRng;
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden")
-}
-
-fn run(args: &[String]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{:?} failed:\n{}{}",
-        args,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-/// Two 64x64 images with captions, and a dataset TOML, in `dir`.
-fn make_dataset(dir: &Path) -> PathBuf {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    for (index, colour) in [[200u8, 40, 40], [40, 40, 200]].iter().enumerate() {
-        let image = image::RgbImage::from_fn(64, 64, |x, y| {
-            image::Rgb([
-                colour[0].wrapping_add((x * 2) as u8),
-                colour[1].wrapping_add((y * 2) as u8),
-                colour[2],
-            ])
-        });
-        image.save(images.join(format!("item{index}.png"))).unwrap();
-        std::fs::write(
-            images.join(format!("item{index}.txt")),
-            format!("a square number {index}"),
-        )
-        .unwrap();
-    }
-    let config = dir.join("dataset.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[general]\nresolution = [64, 64]\ncaption_extension = \".txt\"\nbatch_size = 1\nenable_bucket = true\n\n\
-             [[datasets]]\nimage_directory = \"{}\"\ncache_directory = \"{}\"\nnum_repeats = 1\n",
-            images.display(),
-            dir.join("cache").display()
-        ),
-    )
-    .unwrap();
-    config
-}
-
-fn train_args(config: &Path, out: &Path, steps: usize) -> Vec<String> {
-    let g = golden();
-    let mut args = strings(&["train", "--model_version", "klein-base-4b", "--dit"]);
-    args.push(g.join("klein/dit.safetensors").display().to_string());
-    args.extend(strings(&["--dataset_config"]));
-    args.push(config.display().to_string());
-    args.extend(strings(&["--output_dir"]));
-    args.push(out.display().to_string());
-    args.extend(strings(&[
-        "--output_name",
-        "e2e",
-        "--max_train_steps",
-        &steps.to_string(),
-        "--learning_rate",
-        "3e-3",
-        "--network_dim",
-        "4",
-        "--network_alpha",
-        "4",
-        "--optimizer_type",
-        "AdamW",
-        "--mixed_precision",
-        "no",
-        "--timestep_sampling",
-        "sigma",
-        "--min_timestep",
-        "500",
-        "--max_timestep",
-        "500",
-        "--seed",
-        "3",
-        "--logging_dir",
-    ]));
-    args.push(out.join("logs").display().to_string());
-    args
-}
-
-fn losses(dir: &Path) -> Vec<f32> {
-    let events = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("events.out.tfevents")
-        })
-        .collect::<Vec<_>>();
-    let mut values = Vec::new();
-    for file in events {
-        values.extend(
-            read_scalars(&file)
-                .unwrap()
-                .into_iter()
-                .filter(|s| s.tag == "loss/current")
-                .map(|s| (s.step, s.value)),
-        );
-    }
-    values.sort_by_key(|(step, _)| *step);
-    values.into_iter().map(|(_, v)| v).collect()
-}
+mod common;
+use common::{cache, golden, losses, make_dataset, run, strings, train_args, TWO_SQUARES};
 
 #[test]
 fn cache_train_resume_and_generate_agree() {
     let dir = std::env::temp_dir().join(format!("flux2-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let config = make_dataset(&dir);
+    let config = make_dataset(&dir, &TWO_SQUARES);
     let g = golden();
-    let mut cache = strings(&[
-        "cache-latents",
-        "--model_version",
-        "klein-base-4b",
-        "--dataset_config",
-    ]);
-    cache.push(config.display().to_string());
-    cache.push("--vae".into());
-    cache.push(g.join("ae.safetensors").display().to_string());
-    run(&cache);
-    let mut cache = strings(&[
-        "cache-text-encoder-outputs",
-        "--model_version",
-        "klein-base-4b",
-        "--dataset_config",
-    ]);
-    cache.push(config.display().to_string());
-    cache.push("--text_encoder".into());
-    cache.push(
-        g.join("klein/text_encoder/model.safetensors")
-            .display()
-            .to_string(),
-    );
-    run(&cache);
+    cache(&config);
 
     // 1. An uninterrupted run of 12 steps (saving every 3 steps): the loss falls.
     let full = dir.join("full");

@@ -3,169 +3,14 @@
 //! exactly as a dataset whose captions are all empty, rate 0 changes nothing, a resumed run drops
 //! the same items, and a missing embedding is an error naming the command that writes it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
 use candle_core::{DType, Device};
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::data::empty_prompt::empty_prompt_cache_path;
 use flux2_tuner::models::text::encoder::{TextEncoder, TextEncoderOptions};
 use flux2_tuner::models::ModelVersion;
-use flux2_tuner::train::log::read_scalars;
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden")
-}
-
-fn run(args: &[String]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{:?} failed:\n{}{}",
-        args,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-/// 64x64 images of the given colours with captions, and a dataset TOML, in `dir`; caches go to
-/// `dir/cache`.
-fn make_dataset(dir: &Path, colours: &[[u8; 3]]) -> PathBuf {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    for (index, colour) in colours.iter().enumerate() {
-        let image = image::RgbImage::from_fn(64, 64, |x, y| {
-            image::Rgb([
-                colour[0].wrapping_add((x * 2) as u8),
-                colour[1].wrapping_add((y * 2) as u8),
-                colour[2],
-            ])
-        });
-        image.save(images.join(format!("item{index}.png"))).unwrap();
-        std::fs::write(
-            images.join(format!("item{index}.txt")),
-            format!("a square number {index}"),
-        )
-        .unwrap();
-    }
-    let config = dir.join("dataset.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[general]\nresolution = [64, 64]\ncaption_extension = \".txt\"\nbatch_size = 1\nenable_bucket = true\n\n\
-             [[datasets]]\nimage_directory = \"{}\"\ncache_directory = \"{}\"\nnum_repeats = 1\n",
-            images.display(),
-            dir.join("cache").display()
-        ),
-    )
-    .unwrap();
-    config
-}
-
-/// Runs cache-latents and cache-text-encoder-outputs on a dataset.
-fn cache(config: &Path) {
-    let g = golden();
-    let mut latents = strings(&[
-        "cache-latents",
-        "--model_version",
-        "klein-base-4b",
-        "--dataset_config",
-    ]);
-    latents.push(config.display().to_string());
-    latents.push("--vae".into());
-    latents.push(g.join("ae.safetensors").display().to_string());
-    run(&latents);
-    let mut text = strings(&[
-        "cache-text-encoder-outputs",
-        "--model_version",
-        "klein-base-4b",
-        "--dataset_config",
-    ]);
-    text.push(config.display().to_string());
-    text.push("--text_encoder".into());
-    text.push(
-        g.join("klein/text_encoder/model.safetensors")
-            .display()
-            .to_string(),
-    );
-    run(&text);
-}
-
-fn train_args(config: &Path, out: &Path, steps: usize) -> Vec<String> {
-    let g = golden();
-    let mut args = strings(&["train", "--model_version", "klein-base-4b", "--dit"]);
-    args.push(g.join("klein/dit.safetensors").display().to_string());
-    args.extend(strings(&["--dataset_config"]));
-    args.push(config.display().to_string());
-    args.extend(strings(&["--output_dir"]));
-    args.push(out.display().to_string());
-    args.extend(strings(&[
-        "--output_name",
-        "e2e",
-        "--max_train_steps",
-        &steps.to_string(),
-        "--learning_rate",
-        "3e-3",
-        "--network_dim",
-        "4",
-        "--network_alpha",
-        "4",
-        "--optimizer_type",
-        "AdamW",
-        "--mixed_precision",
-        "no",
-        "--timestep_sampling",
-        "sigma",
-        "--min_timestep",
-        "500",
-        "--max_timestep",
-        "500",
-        "--seed",
-        "3",
-        "--logging_dir",
-    ]));
-    args.push(out.join("logs").display().to_string());
-    args
-}
-
-/// The scalars of `tag` in the TensorBoard events of a log folder, by step.
-fn scalars(dir: &Path, tag: &str) -> Vec<(u64, f32)> {
-    let mut values = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("events.out.tfevents")
-        {
-            values.extend(
-                read_scalars(&path)
-                    .unwrap()
-                    .into_iter()
-                    .filter(|s| s.tag == tag)
-                    .map(|s| (s.step, s.value)),
-            );
-        }
-    }
-    values.sort_by_key(|(step, _)| *step);
-    values
-}
-
-fn losses(dir: &Path) -> Vec<f32> {
-    scalars(dir, "loss/current")
-        .into_iter()
-        .map(|(_, v)| v)
-        .collect()
-}
+mod common;
+use common::{cache, command, golden, losses, make_dataset, run, strings, train_args, TWO_SQUARES};
 
 fn values(tensor: &candle_core::Tensor) -> Vec<f32> {
     tensor
@@ -182,7 +27,7 @@ fn caption_dropout_trains_on_the_cached_empty_prompt() {
     let dir = std::env::temp_dir().join(format!("flux2-e2e-dropout-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let config = make_dataset(&dir, &[[200, 40, 40], [40, 40, 200]]);
+    let config = make_dataset(&dir, &TWO_SQUARES);
     cache(&config);
 
     // 1. The empty-prompt file holds the text encoder's output for "" (bf16, as every text cache).
@@ -283,10 +128,7 @@ fn caption_dropout_trains_on_the_cached_empty_prompt() {
     std::fs::remove_file(empty_copy.join("cache/empty_prompt.f2k4b_te.safetensors")).unwrap();
     let mut missing = train_args(&copy_config, &dir.join("missing"), 1);
     missing.extend(strings(&["--caption_dropout_rate", "0.1"]));
-    let refused = Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(&missing)
-        .output()
-        .unwrap();
+    let refused = command(&missing);
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(

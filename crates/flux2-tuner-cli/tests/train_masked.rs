@@ -7,38 +7,12 @@
 //! or a cache without masks is refused with the fix.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{DType, Device};
 use flux2_tuner::checkpoint::Checkpoint;
-use flux2_tuner::train::log::read_scalars;
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden")
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-fn command(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn run(args: &[String]) -> Output {
-    let output = command(args);
-    assert!(
-        output.status.success(),
-        "{:?} failed:\n{}{}",
-        args,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
+mod common;
+use common::{command, golden, losses, run, strings, train_command};
 
 /// The alpha of a pixel `(x, y)`.
 type Alpha = fn(u32, u32) -> u8;
@@ -80,12 +54,8 @@ fn write_config(root: &Path, name: &str, tables: &[String]) -> PathBuf {
 }
 
 fn train_args(config: &Path, out: &Path, masked: bool) -> Vec<String> {
-    let mut args = strings(&["train", "--model_version", "klein-base-4b", "--dit"]);
-    args.push(golden().join("klein/dit.safetensors").display().to_string());
-    args.push("--dataset_config".into());
-    args.push(config.display().to_string());
-    args.push("--output_dir".into());
-    args.push(out.display().to_string());
+    let dit = golden().join("klein/dit.safetensors");
+    let mut args = train_command("klein-base-4b", &dit, config, out);
     args.extend(strings(&[
         "--output_name",
         "masked",
@@ -114,25 +84,6 @@ fn train_args(config: &Path, out: &Path, masked: bool) -> Vec<String> {
         args.push("--masked_loss".into());
     }
     args
-}
-
-fn losses(dir: &Path) -> Vec<f32> {
-    let mut values = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("events.out.tfevents") {
-            values.extend(
-                read_scalars(&path)
-                    .unwrap()
-                    .into_iter()
-                    .filter(|s| s.tag == "loss/current")
-                    .map(|s| (s.step, s.value)),
-            );
-        }
-    }
-    values.sort_by_key(|(step, _)| *step);
-    values.into_iter().map(|(_, v)| v).collect()
 }
 
 fn train(root: &Path, config: &Path, name: &str, masked: bool) -> Vec<f32> {

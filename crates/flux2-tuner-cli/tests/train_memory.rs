@@ -6,104 +6,25 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Device};
 use flux2_tuner::checkpoint::Checkpoint;
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden")
-}
-
-fn command(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn run(args: &[String]) -> Output {
-    let output = command(args);
-    assert!(
-        output.status.success(),
-        "{:?} failed:\n{}{}",
-        args,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
+mod common;
+use common::{cache_for, command, golden, make_dataset, run, strings, train_command, TWO_SQUARES};
 
 /// Two 64x64 images with captions and a dataset TOML in `dir`, cached for dev.
 fn make_cached_dataset(dir: &Path) -> PathBuf {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    for (index, colour) in [[200u8, 40, 40], [40, 40, 200]].iter().enumerate() {
-        let image = image::RgbImage::from_fn(64, 64, |x, y| {
-            image::Rgb([
-                colour[0].wrapping_add((x * 2) as u8),
-                colour[1].wrapping_add((y * 2) as u8),
-                colour[2],
-            ])
-        });
-        image.save(images.join(format!("item{index}.png"))).unwrap();
-        std::fs::write(
-            images.join(format!("item{index}.txt")),
-            format!("a square number {index}"),
-        )
-        .unwrap();
-    }
-    let config = dir.join("dataset.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[general]\nresolution = [64, 64]\ncaption_extension = \".txt\"\nbatch_size = 1\nenable_bucket = true\n\n\
-             [[datasets]]\nimage_directory = \"{}\"\ncache_directory = \"{}\"\nnum_repeats = 1\n",
-            images.display(),
-            dir.join("cache").display()
-        ),
-    )
-    .unwrap();
-    let g = golden();
-    let mut cache = strings(&[
-        "cache-latents",
-        "--model_version",
-        "dev",
-        "--dataset_config",
-    ]);
-    cache.push(config.display().to_string());
-    cache.push("--vae".into());
-    cache.push(g.join("ae.safetensors").display().to_string());
-    run(&cache);
-    let mut cache = strings(&[
-        "cache-text-encoder-outputs",
-        "--model_version",
-        "dev",
-        "--dataset_config",
-    ]);
-    cache.push(config.display().to_string());
-    cache.push("--text_encoder".into());
-    cache.push(
-        g.join("dev/text_encoder/model.safetensors")
-            .display()
-            .to_string(),
-    );
-    run(&cache);
+    let config = make_dataset(dir, &TWO_SQUARES);
+    cache_for(&config, "dev", "dev");
     config
 }
 
 /// Two bf16 training steps into `out/lora.safetensors`, plus `extra` flags.
 fn train_args(config: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args = strings(&["train", "--model_version", "dev", "--dit"]);
-    args.push(golden().join("dev/dit.safetensors").display().to_string());
-    args.push("--dataset_config".into());
-    args.push(config.display().to_string());
-    args.push("--output_dir".into());
-    args.push(out.display().to_string());
+    let dit = golden().join("dev/dit.safetensors");
+    let mut args = train_command("dev", &dit, config, out);
     args.extend(strings(&[
         "--output_name",
         "lora",

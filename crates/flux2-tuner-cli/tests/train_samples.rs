@@ -5,14 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use flux2_tuner::image_io::read_png_text;
-use flux2_tuner::train::log::read_scalars;
 
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden")
-}
+mod common;
+use common::{
+    cache, command, golden, losses, make_dataset, run, strings, text, train_command, TWO_SQUARES,
+};
 
 fn text_encoder() -> String {
     golden()
@@ -29,97 +28,9 @@ fn dit() -> String {
     golden().join("klein/dit.safetensors").display().to_string()
 }
 
-fn run_command(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flux2-tuner"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn both(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn run(args: &[String]) -> Output {
-    let output = run_command(args);
-    assert!(
-        output.status.success(),
-        "{:?} failed:\n{}",
-        args,
-        both(&output)
-    );
-    output
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-/// Two 64x64 images with captions, and a dataset TOML, in `dir` (as tests/train.rs).
-fn make_dataset(dir: &Path) -> PathBuf {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    for (index, colour) in [[200u8, 40, 40], [40, 40, 200]].iter().enumerate() {
-        let image = image::RgbImage::from_fn(64, 64, |x, y| {
-            image::Rgb([
-                colour[0].wrapping_add((x * 2) as u8),
-                colour[1].wrapping_add((y * 2) as u8),
-                colour[2],
-            ])
-        });
-        image.save(images.join(format!("item{index}.png"))).unwrap();
-        std::fs::write(
-            images.join(format!("item{index}.txt")),
-            format!("a square number {index}"),
-        )
-        .unwrap();
-    }
-    let config = dir.join("dataset.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[general]\nresolution = [64, 64]\ncaption_extension = \".txt\"\nbatch_size = 1\nenable_bucket = true\n\n\
-             [[datasets]]\nimage_directory = \"{}\"\ncache_directory = \"{}\"\nnum_repeats = 1\n",
-            images.display(),
-            dir.join("cache").display()
-        ),
-    )
-    .unwrap();
-    config
-}
-
-fn cache(config: &Path) {
-    let mut args = strings(&[
-        "cache-latents",
-        "--model_version",
-        "klein-base-4b",
-        "--dataset_config",
-    ]);
-    args.push(config.display().to_string());
-    args.extend(["--vae".to_string(), ae()]);
-    run(&args);
-    let mut args = strings(&[
-        "cache-text-encoder-outputs",
-        "--model_version",
-        "klein-base-4b",
-        "--dataset_config",
-    ]);
-    args.push(config.display().to_string());
-    args.extend(["--text_encoder".to_string(), text_encoder()]);
-    run(&args);
-}
-
 fn train_args(config: &Path, out: &Path, steps: usize) -> Vec<String> {
-    let mut args = strings(&["train", "--model_version", "klein-base-4b", "--dit"]);
-    args.push(dit());
-    args.push("--dataset_config".into());
-    args.push(config.display().to_string());
-    args.push("--output_dir".into());
-    args.push(out.display().to_string());
+    let dit = golden().join("klein/dit.safetensors");
+    let mut args = train_command("klein-base-4b", &dit, config, out);
     args.extend(strings(&[
         "--output_name",
         "e2e",
@@ -155,29 +66,6 @@ fn sample_args(prompts: &Path) -> Vec<String> {
     args.extend(["--vae".to_string(), ae()]);
     args.extend(["--text_encoder".to_string(), text_encoder()]);
     args
-}
-
-fn losses(dir: &Path) -> Vec<f32> {
-    let mut values = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("events.out.tfevents")
-        {
-            values.extend(
-                read_scalars(&path)
-                    .unwrap()
-                    .into_iter()
-                    .filter(|s| s.tag == "loss/current")
-                    .map(|s| (s.step, s.value)),
-            );
-        }
-    }
-    values.sort_by_key(|(step, _)| *step);
-    values.into_iter().map(|(_, v)| v).collect()
 }
 
 /// `e2e_{label}_{idx}_{YYYYmmddHHMMSS}[_{seed}].png` files of a sample folder, by (label, idx).
@@ -279,7 +167,7 @@ fn samples_during_training_match_generate_and_leave_training_unchanged() {
     let dir = std::env::temp_dir().join(format!("flux2-samples-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let config = make_dataset(&dir);
+    let config = make_dataset(&dir, &TWO_SQUARES);
     cache(&config);
     let control = dir.join("control.png");
     image::RgbImage::from_fn(64, 80, |x, y| {
@@ -336,7 +224,7 @@ fn samples_during_training_match_generate_and_leave_training_unchanged() {
         }
     }
     assert_eq!(keys, expected);
-    let log = both(&output);
+    let log = text(&output);
     for path in found.values() {
         assert!(log.contains(&format!("sample {}", path.display())), "{log}");
     }
@@ -438,9 +326,9 @@ fn sampling_flags_are_checked_before_training() {
         args
     };
     let failure = |args: Vec<String>| {
-        let output = run_command(&args);
+        let output = command(&args);
         assert!(!output.status.success(), "{args:?} succeeded");
-        both(&output)
+        text(&output)
     };
 
     let mut args = base("klein-base-4b");

@@ -5,38 +5,18 @@
 //! mask do not change the loss.
 
 use candle_core::{DType, Device, Tensor, Var};
-use flux2_tuner::checkpoint::Checkpoint;
-use flux2_tuner::models::dit::writer::write_random_dit;
-use flux2_tuner::models::dit::{DitConfig, Flux2Dit};
+use flux2_tuner::models::dit::Flux2Dit;
 use flux2_tuner::train::masked_loss::apply_loss_mask;
-use flux2_tuner::train::network::{LoraNetwork, NetworkConfig};
 use flux2_tuner::train::step::{
     training_forward_masked, training_step, training_step_masked, StepBatch, StepGradients,
 };
 use flux2_tuner::util::rng::SeededRng;
 
+mod common;
+use common::{attach_random_lora, random, random_dit};
+
 const SIGMAS: [f64; 2] = [0.3, 0.8];
 const WEIGHTS: [f64; 2] = [1.0, 2.0];
-
-fn config() -> DitConfig {
-    DitConfig {
-        in_channels: 128,
-        context_in_dim: 24,
-        hidden_size: 32,
-        num_heads: 2,
-        depth: 2,
-        depth_single_blocks: 2,
-        mlp_hidden_size: 96,
-        axes_dim: [4, 4, 4, 4],
-        theta: 2000.0,
-        guidance_embed: true,
-    }
-}
-
-fn random(shape: &[usize], rng: &mut SeededRng) -> Tensor {
-    let count = shape.iter().product();
-    Tensor::from_vec(rng.normal_vec(count), shape, &Device::Cpu).unwrap()
-}
 
 struct Setup {
     dit: Flux2Dit,
@@ -49,31 +29,9 @@ struct Setup {
 fn setup(name: &str) -> Setup {
     let dir = std::env::temp_dir().join(format!("flux2-masked-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("dit.safetensors");
-    write_random_dit(&config(), &path, 21, DType::F32).unwrap();
-    let mut dit = Flux2Dit::load(
-        &Checkpoint::open(&path).unwrap(),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut dit = random_dit(&dir.join("dit.safetensors"), 21);
     let mut rng = SeededRng::new(9);
-    let network = LoraNetwork::new(
-        &dit.config,
-        NetworkConfig::default(),
-        &mut rng,
-        &Device::Cpu,
-    )
-    .unwrap();
-    // Non-zero up matrices so that every gradient path is exercised.
-    for module in &network.modules {
-        module
-            .up
-            .set(&(random(module.up.dims(), &mut rng) * 0.1).unwrap())
-            .unwrap();
-    }
-    network.attach(&mut dit, 1.0).unwrap();
+    let network = attach_random_lora(&mut dit, &mut rng, 0.1);
     let parameters = network.parameters().into_iter().map(|(p, _)| p).collect();
     Setup {
         dit,

@@ -23,6 +23,9 @@ use flux2_tuner::train::optim::{adamw_from_args, Optimizer};
 use flux2_tuner::train::step::{training_step, training_step_with, StepBatch, StepGradients};
 use flux2_tuner::util::rng::SeededRng;
 
+mod common;
+use common::random;
+
 /// The system allocator, counting the bytes held and the most held since the last reset.
 struct CountingAllocator;
 
@@ -60,11 +63,6 @@ fn golden() -> PathBuf {
     std::env::var_os("FLUX2_GOLDEN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
-}
-
-fn random(shape: &[usize], rng: &mut SeededRng) -> Tensor {
-    let count = shape.iter().product();
-    Tensor::from_vec(rng.normal_vec(count), shape, &Device::Cpu).unwrap()
 }
 
 /// A golden DiT loaded in `dtype` (block linears as `fp8`) with a LoRA whose `up` matrices are

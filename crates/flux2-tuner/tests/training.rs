@@ -4,58 +4,21 @@
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::models::dit::writer::write_random_dit;
-use flux2_tuner::models::dit::{DitConfig, Flux2Dit};
+use flux2_tuner::models::dit::Flux2Dit;
 use flux2_tuner::train::network::{LoraNetwork, NetworkConfig};
 use flux2_tuner::train::step::{training_step, StepBatch};
 use flux2_tuner::util::rng::SeededRng;
 
-fn config() -> DitConfig {
-    DitConfig {
-        in_channels: 128,
-        context_in_dim: 24,
-        hidden_size: 32,
-        num_heads: 2,
-        depth: 2,
-        depth_single_blocks: 2,
-        mlp_hidden_size: 96,
-        axes_dim: [4, 4, 4, 4],
-        theta: 2000.0,
-        guidance_embed: true,
-    }
-}
-
-fn random(shape: &[usize], rng: &mut SeededRng) -> Tensor {
-    let count = shape.iter().product();
-    Tensor::from_vec(rng.normal_vec(count), shape, &Device::Cpu).unwrap()
-}
+mod common;
+use common::{attach_random_lora, config, max_abs, random, random_dit};
 
 #[test]
 fn gradient_checkpointing_gives_the_full_backward_gradients() {
     let dir = std::env::temp_dir().join(format!("flux2-ckpt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("dit.safetensors");
-    write_random_dit(&config(), &path, 11, DType::F32).unwrap();
-    let mut dit = Flux2Dit::load(
-        &Checkpoint::open(&path).unwrap(),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut dit = random_dit(&dir.join("dit.safetensors"), 11);
     let mut rng = SeededRng::new(5);
-    let network = LoraNetwork::new(
-        &dit.config,
-        NetworkConfig::default(),
-        &mut rng,
-        &Device::Cpu,
-    )
-    .unwrap();
-    // Non-zero up matrices so that every gradient path is exercised.
-    for module in &network.modules {
-        let up = (random(module.up.dims(), &mut rng) * 0.1).unwrap();
-        module.up.set(&up).unwrap();
-    }
-    network.attach(&mut dit, 1.0).unwrap();
+    let network = attach_random_lora(&mut dit, &mut rng, 0.1);
     let parameters: Vec<_> = network.parameters().into_iter().map(|(p, _)| p).collect();
 
     let latents = random(&[2, 128, 2, 3], &mut rng);
@@ -77,22 +40,9 @@ fn gradient_checkpointing_gives_the_full_backward_gradients() {
     assert!((full.loss - checkpointed.loss).abs() <= 1e-6 * full.loss.abs());
     let mut worst = 0f32;
     for (a, b) in full.gradients.iter().zip(&checkpointed.gradients) {
-        let scale = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(a);
         assert!(scale > 0.0, "a LoRA gradient is zero");
-        let error = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let error = max_abs(&(a - b).unwrap());
         worst = worst.max(error / scale);
     }
     assert!(worst < 1e-5, "checkpointed gradients differ by {worst}");
@@ -153,21 +103,8 @@ fn bf16_training_step_matches_f32() {
         );
         for (a, b) in reference.gradients.iter().zip(&result.gradients) {
             assert_eq!(b.dtype(), DType::F32);
-            let scale = a
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let error = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(a);
+            let error = max_abs(&(a - b).unwrap());
             assert!(
                 error <= 0.1 * scale + 1e-6,
                 "bf16 gradient off by {error} of {scale}"
@@ -258,16 +195,7 @@ fn lora_dropouts_are_seeded_and_training_only() {
     let (plain, plain_inference) = run(false);
     let (first, first_inference) = run(true);
     let (second, _) = run(true);
-    let difference = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let difference = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
     assert_eq!(
         difference(&plain_inference, &first_inference),
         0.0,
@@ -348,21 +276,8 @@ fn gradient_checkpointing_replays_the_lora_dropout_masks() {
     let mut worst = 0f32;
     let mut nonzero = 0;
     for (a, b) in full.gradients.iter().zip(&checkpointed.gradients) {
-        let scale = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let error = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(a);
+        let error = max_abs(&(a - b).unwrap());
         if scale > 0.0 {
             nonzero += 1;
             worst = worst.max(error / scale);

@@ -4,13 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use flux2_tuner::checkpoint::Checkpoint;
+use candle_core::{Device, Tensor};
 use flux2_tuner::data::cache::{
     latent_cache_path, text_cache_path, write_latent_cache, write_text_cache,
 };
-use flux2_tuner::models::dit::writer::write_random_dit;
-use flux2_tuner::models::dit::{DitConfig, Flux2Dit};
+use flux2_tuner::models::dit::Flux2Dit;
 use flux2_tuner::train::data::load_batch;
 use flux2_tuner::train::network::{with_detached_adapters, LoraNetwork, NetworkConfig};
 use flux2_tuner::train::step::{evaluation_loss, training_forward, StepBatch};
@@ -18,27 +16,10 @@ use flux2_tuner::train::timesteps::{TimestepConfig, TimestepSampling, WeightingS
 use flux2_tuner::train::validation::{model_timestep, ValidationOptions, Validator};
 use flux2_tuner::util::rng::SeededRng;
 
+mod common;
+use common::{attach_random_lora, random, random_dit};
+
 const ARCHITECTURE: &str = "f2k4b";
-
-fn config() -> DitConfig {
-    DitConfig {
-        in_channels: 128,
-        context_in_dim: 24,
-        hidden_size: 32,
-        num_heads: 2,
-        depth: 2,
-        depth_single_blocks: 2,
-        mlp_hidden_size: 96,
-        axes_dim: [4, 4, 4, 4],
-        theta: 2000.0,
-        guidance_embed: true,
-    }
-}
-
-fn random(shape: &[usize], rng: &mut SeededRng) -> Tensor {
-    let count = shape.iter().product();
-    Tensor::from_vec(rng.normal_vec(count), shape, &Device::Cpu).unwrap()
-}
 
 /// Three cached 32x32 items (latents `[128, 2, 2]`, text `[512, 24]`) in batches of two, and
 /// their dataset TOML.
@@ -121,15 +102,7 @@ fn validation_loss_is_the_training_loss_at_fixed_timesteps_and_noise() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let toml = write_dataset(&dir);
-    let dit_path = dir.join("dit.safetensors");
-    write_random_dit(&config(), &dit_path, 31, DType::F32).unwrap();
-    let mut dit = Flux2Dit::load(
-        &Checkpoint::open(&dit_path).unwrap(),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut dit = random_dit(&dir.join("dit.safetensors"), 31);
     let network = LoraNetwork::new(
         &dit.config,
         NetworkConfig::default(),
@@ -307,30 +280,9 @@ fn attached_loss(dit: &Flux2Dit, batch: &StepBatch) -> Tensor {
 fn validation_records_no_graph_through_the_lora() {
     let dir = std::env::temp_dir().join(format!("flux2-validation-graph-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let dit_path = dir.join("dit.safetensors");
-    write_random_dit(&config(), &dit_path, 37, DType::F32).unwrap();
-    let mut dit = Flux2Dit::load(
-        &Checkpoint::open(&dit_path).unwrap(),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut dit = random_dit(&dir.join("dit.safetensors"), 37);
     let mut rng = SeededRng::new(9);
-    let network = LoraNetwork::new(
-        &dit.config,
-        NetworkConfig::default(),
-        &mut rng,
-        &Device::Cpu,
-    )
-    .unwrap();
-    for module in &network.modules {
-        module
-            .up
-            .set(&(random(module.up.dims(), &mut rng) * 0.2).unwrap())
-            .unwrap();
-    }
-    network.attach(&mut dit, 1.0).unwrap();
+    let network = attach_random_lora(&mut dit, &mut rng, 0.2);
     let latents = random(&[2, 128, 2, 2], &mut rng);
     let noise = random(&[2, 128, 2, 2], &mut rng);
     let text = random(&[2, 6, 24], &mut rng);
