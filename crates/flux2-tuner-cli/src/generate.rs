@@ -367,13 +367,21 @@ fn save_latent(
     Ok(())
 }
 
-pub fn run(args: &GenerateArgs) -> Result<()> {
-    // The flag checks come first, so that `--dry_run` refuses what a real run refuses.
+/// The checks that read no file, shared by a run, `--dry_run` and `plan generate`, so that a plan
+/// refuses what a run refuses.
+pub fn check_flags(args: &GenerateArgs) -> Result<()> {
     refuse_unsupported(args)?;
+    let _: ModelVersion = args.model_version.parse()?;
+    output_type(&args.output_type)?;
+    lora_specs(args)?;
+    Ok(())
+}
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    check_flags(args)?;
     let version: ModelVersion = args.model_version.parse()?;
     let output = output_type(&args.output_type)?;
     if args.dry_run {
-        lora_specs(args)?;
         return crate::plan::dry_run_generate(args);
     }
     let device = parse_device(args.device.as_deref())?;

@@ -59,6 +59,10 @@ pub struct PlanTrainArgs {
 
 pub fn run(args: &PlanArgs) -> Result<()> {
     match &args.job {
+        PlanJob::Train(train) => crate::train::check_flags(&train.train)?,
+        PlanJob::Generate(generate) => crate::generate::check_flags(generate)?,
+    }
+    match &args.job {
         PlanJob::Train(train) => print_training(
             &train.train,
             &TrainingOverrides {

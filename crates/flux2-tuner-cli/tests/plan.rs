@@ -271,4 +271,19 @@ fn dry_run_refuses_what_a_real_run_refuses() {
         !output.status.success() && stderr.contains("--compile"),
         "{stderr}"
     );
+    // `plan` runs the same checks.
+    let output = command(&[
+        "plan",
+        "train",
+        "--model_version",
+        "klein-4b",
+        "--vram_gb",
+        "80",
+        "--sage_attn",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("--sage_attn"),
+        "{stderr}"
+    );
 }
