@@ -44,6 +44,31 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     attention_by_ops(q, k, v)
 }
 
+/// Checks that `k` and `v` are `[b, heads, keys, d]` for `q` `[b, heads, l, d]` and that all three
+/// share one dtype; `kernel` names the caller in the error.
+pub fn check_qkv(kernel: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    let (batch, heads, _, head_dim) = q.dims4()?;
+    let keys = k.dim(2)?;
+    for (name, tensor) in [("k", k), ("v", v)] {
+        if tensor.dims() != [batch, heads, keys, head_dim] {
+            return Err(Error::Shape(format!(
+                "{kernel}: {name} has shape {:?}, expected [{batch}, {heads}, {keys}, {head_dim}] for q {:?}",
+                tensor.dims(),
+                q.dims()
+            )));
+        }
+    }
+    if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
+        return Err(Error::Shape(format!(
+            "{kernel}: q, k, v have dtypes {:?}, {:?}, {:?}, expected one dtype",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        )));
+    }
+    Ok(())
+}
+
 /// As [`attention`] inside a model whose weights are `weight_dtype`: while training a bf16 model on
 /// the CPU the activations are f32 (`Flux2Dit::activation_dtype`), and the attention's products
 /// then round their operands to bf16 as the model's own matmuls do.

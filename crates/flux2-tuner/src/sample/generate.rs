@@ -199,28 +199,35 @@ pub fn load_dit_with_loras(
     loras: &[(LoraFile, f64)],
     observer: &mut dyn GenerateObserver,
 ) -> Result<Flux2Dit> {
-    let quantise_after_merge = config.merge_loras && !loras.is_empty();
+    let mut apply_loras = |dit: &mut Flux2Dit| -> Result<()> {
+        for (file, multiplier) in loras {
+            observer.phase(&format!(
+                "applying LoRA {} x {multiplier}",
+                file.path.display()
+            ));
+            file.apply(dit.linears_mut(), *multiplier, config.merge_loras)?;
+        }
+        Ok(())
+    };
+    if config.merge_loras && !loras.is_empty() {
+        return Flux2Dit::load_merged_with_fp8(
+            checkpoint,
+            Some(config.version),
+            config.dit_dtype,
+            device,
+            config.fp8,
+            Some(&mut apply_loras),
+        );
+    }
+    // Unmerged LoRAs sit beside the (possibly fp8) weights: quantise while reading.
     let mut dit = Flux2Dit::load_with_fp8(
         checkpoint,
         Some(config.version),
         config.dit_dtype,
         device,
-        if quantise_after_merge {
-            crate::quant::Fp8Mode::Off
-        } else {
-            config.fp8
-        },
+        config.fp8,
     )?;
-    for (file, multiplier) in loras {
-        observer.phase(&format!(
-            "applying LoRA {} x {multiplier}",
-            file.path.display()
-        ));
-        file.apply(dit.linears_mut(), *multiplier, config.merge_loras)?;
-    }
-    if quantise_after_merge {
-        dit.quantize_blocks(config.fp8)?;
-    }
+    apply_loras(&mut dit)?;
     Ok(dit)
 }
 

@@ -201,27 +201,20 @@ pub fn train(options: &TrainOptions, observer: &mut dyn TrainObserver) -> Result
     // Sample prompts are encoded (text encoder loaded and freed) before the DiT loads.
     let sample_images = crate::train::samples::TrainingSamples::prepare(options)?;
     let load_device = crate::offload::load_device(swap, &options.device);
-    // Base weights are merged in full precision, so fp8 quantisation waits for the merge.
-    let merge_first = !options.base_weights.is_empty();
-    let mut dit = Flux2Dit::load_with_fp8(
+    let mut merge_base = |dit: &mut Flux2Dit| {
+        crate::train::base_weights::merge_base_weights(dit, &options.base_weights, &load_device)
+    };
+    let mut dit = Flux2Dit::load_merged_with_fp8(
         &checkpoint,
         Some(options.version),
         options.dit_dtype,
         &load_device,
-        if merge_first {
-            crate::quant::Fp8Mode::Off
-        } else {
-            options.fp8
+        options.fp8,
+        match options.base_weights.is_empty() {
+            true => None,
+            false => Some(&mut merge_base),
         },
     )?;
-    if merge_first {
-        crate::train::base_weights::merge_base_weights(
-            &mut dit,
-            &options.base_weights,
-            &load_device,
-        )?;
-        dit.quantize_blocks(options.fp8)?;
-    }
     if !swap.is_empty() {
         crate::offload::enable_block_swap(&mut dit, swap, &options.device)?;
     }

@@ -50,6 +50,9 @@ pub struct Prepared {
     pub rope: RopeTables,
 }
 
+/// Merges LoRAs into a freshly loaded model (see [`Flux2Dit::load_merged_with_fp8`]).
+pub type MergeLoras<'a> = dyn FnMut(&mut Flux2Dit) -> Result<()> + 'a;
+
 /// The FLUX.2 DiT.
 #[derive(Debug, Clone)]
 pub struct Flux2Dit {
@@ -149,6 +152,32 @@ impl Flux2Dit {
             device,
             crate::quant::Fp8Mode::Off,
         )
+    }
+
+    /// [`Flux2Dit::load_with_fp8`] with LoRAs merged into the weights by `merge` (when given):
+    /// merging needs the full-precision weights, so the fp8 quantisation then waits for it (as
+    /// Musubi); without `merge` each tensor is quantised as it is read.
+    pub fn load_merged_with_fp8(
+        checkpoint: &Checkpoint,
+        expected: Option<ModelVersion>,
+        dtype: DType,
+        device: &Device,
+        fp8: crate::quant::Fp8Mode,
+        merge: Option<&mut MergeLoras<'_>>,
+    ) -> Result<Self> {
+        let Some(merge) = merge else {
+            return Self::load_with_fp8(checkpoint, expected, dtype, device, fp8);
+        };
+        let mut dit = Self::load_with_fp8(
+            checkpoint,
+            expected,
+            dtype,
+            device,
+            crate::quant::Fp8Mode::Off,
+        )?;
+        merge(&mut dit)?;
+        dit.quantize_blocks(fp8)?;
+        Ok(dit)
     }
 
     /// [`Flux2Dit::load`] with the block linears stored as F8E4M3 (`fp8`), each quantised as it

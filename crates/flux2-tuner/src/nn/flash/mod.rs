@@ -78,25 +78,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// As [`attention`], returning `[b, l, heads, d]`.
 pub fn attention_rows(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (batch, heads, _, head_dim) = q.dims4()?;
-    let keys = k.dim(2)?;
-    for (name, tensor) in [("k", k), ("v", v)] {
-        if tensor.dims() != [batch, heads, keys, head_dim] {
-            return Err(Error::Shape(format!(
-                "fused attention: {name} has shape {:?}, expected [{batch}, {heads}, {keys}, {head_dim}] for q {:?}",
-                tensor.dims(),
-                q.dims()
-            )));
-        }
-    }
-    if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
-        return Err(Error::Shape(format!(
-            "fused attention: q, k, v have dtypes {:?}, {:?}, {:?}, expected one dtype",
-            q.dtype(),
-            k.dtype(),
-            v.dtype()
-        )));
-    }
+    let head_dim = q.dim(3)?;
+    crate::nn::attention::check_qkv("fused attention", q, k, v)?;
     if q.device().is_cuda() && (q.dtype() != DType::BF16 || head_dim > MAX_HEAD_DIM) {
         return Err(Error::Shape(format!(
             "fused attention on CUDA takes bf16 with head_dim <= {MAX_HEAD_DIM}, got {:?} and {head_dim}",

@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Shape, Tensor, D};
 
 use super::softmax_rows::{probabilities, score_gradient, softmax_with_logsumexp};
 use super::storage::{compute_dtype, storage_from, tensor_from, DeviceStorage};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Largest number of score elements (`batch * heads * query_rows * keys`) held at once.
 const MAX_SCORE_ELEMENTS: usize = 1 << 22;
@@ -32,27 +32,9 @@ pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     heads_with(q, k, v, false)
 }
 
-/// The op on checked inputs, `[b, heads, l, d]` out.
+/// Checks the inputs and applies the op, `[b, heads, l, d]` out.
 fn heads_with(q: &Tensor, k: &Tensor, v: &Tensor, bf16_products: bool) -> Result<Tensor> {
-    let (batch, heads, _, head_dim) = q.dims4()?;
-    let keys = k.dim(2)?;
-    for (name, tensor) in [("k", k), ("v", v)] {
-        if tensor.dims() != [batch, heads, keys, head_dim] {
-            return Err(Error::Shape(format!(
-                "attention: {name} has shape {:?}, expected [{batch}, {heads}, {keys}, {head_dim}] for q {:?}",
-                tensor.dims(),
-                q.dims()
-            )));
-        }
-    }
-    if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
-        return Err(Error::Shape(format!(
-            "attention: q, k, v have dtypes {:?}, {:?}, {:?}, expected one dtype",
-            q.dtype(),
-            k.dtype(),
-            v.dtype()
-        )));
-    }
+    crate::nn::attention::check_qkv("attention", q, k, v)?;
     let op = AttentionOp {
         logsumexp: Mutex::new(None),
         bf16_products,
