@@ -11,6 +11,7 @@ use crate::models::dit::tokens::{
 use crate::models::dit::{DitInput, Flux2Dit};
 use crate::nn::grad_mode::GradGuard;
 use crate::nn::trainable::{checkpointed_in, ActivationStore};
+use crate::train::direct;
 use crate::train::masked_loss::apply_loss_mask;
 
 /// One batch of a step.
@@ -224,13 +225,70 @@ pub fn training_step_masked(
     checkpointing: bool,
     store: Option<&ActivationStore>,
 ) -> Result<StepGradients> {
+    let path = if direct::applies(dit) {
+        BackwardPath::Direct
+    } else {
+        BackwardPath::Autograd
+    };
+    step_on_path(path, dit, batch, mask, parameters, checkpointing, store)
+}
+
+/// [`training_step_masked`] through candle's autograd even where the direct backward
+/// (`train::direct`) applies: the reference the direct backward is tested against.
+pub fn training_step_by_autograd(
+    dit: &Flux2Dit,
+    batch: &StepBatch,
+    mask: Option<&Tensor>,
+    parameters: &[Var],
+    checkpointing: bool,
+    store: Option<&ActivationStore>,
+) -> Result<StepGradients> {
+    step_on_path(
+        BackwardPath::Autograd,
+        dit,
+        batch,
+        mask,
+        parameters,
+        checkpointing,
+        store,
+    )
+}
+
+/// How a step computes its gradients.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BackwardPath {
+    /// Hand-written block backward (`train::direct`).
+    Direct,
+    /// candle's `Tensor::backward`, whole graph or block by block.
+    Autograd,
+}
+
+fn step_on_path(
+    path: BackwardPath,
+    dit: &Flux2Dit,
+    batch: &StepBatch,
+    mask: Option<&Tensor>,
+    parameters: &[Var],
+    checkpointing: bool,
+    store: Option<&ActivationStore>,
+) -> Result<StepGradients> {
     let on_device = ActivationStore::on_device();
     let checkpointing = checkpointing || store.is_some();
     let store = store.unwrap_or(&on_device);
     let mut totals: Vec<Option<Tensor>> = vec![None; parameters.len()];
     // Block swap needs each swapped block's weights again, in reverse order, for the backward:
     // the block-wise path recomputes every block there (as with checkpointing).
-    let loss = if checkpointing || dit.block_swap.is_some() {
+    let loss = if path == BackwardPath::Direct {
+        direct_backward(
+            dit,
+            batch,
+            mask,
+            parameters,
+            checkpointing,
+            store,
+            &mut totals,
+        )?
+    } else if checkpointing || dit.block_swap.is_some() {
         checkpointed_backward(dit, batch, mask, parameters, store, &mut totals)?
     } else {
         let output = training_forward_masked(dit, batch, mask)?;
@@ -247,6 +305,32 @@ pub fn training_step_masked(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(StepGradients { loss, gradients })
+}
+
+/// The step through the direct backward (`train::direct`): embeddings and modulations computed
+/// once without a graph, the blocks by hand, the final layer and the loss on candle ops.
+#[allow(clippy::too_many_arguments)]
+fn direct_backward(
+    dit: &Flux2Dit,
+    batch: &StepBatch,
+    mask: Option<&Tensor>,
+    parameters: &[Var],
+    checkpointing: bool,
+    store: &ActivationStore,
+    totals: &mut [Option<Tensor>],
+) -> Result<f32> {
+    let _grad = GradGuard::enable();
+    let mut prepared_batch = prepare_batch(dit, batch)?;
+    prepared_batch.mask = mask.cloned();
+    let prepared = dit.prepare(&prepared_batch.input(batch.text))?;
+    let text_length = batch.text.dim(1)?;
+    let (loss, gradients) =
+        direct::forward_backward(dit, &prepared, parameters, checkpointing, store, |joint| {
+            let output = dit.finish(joint, text_length, &prepared.vec)?;
+            Ok(prepared_batch.loss(&output)?.0)
+        })?;
+    accumulate(totals, gradients)?;
+    Ok(loss)
 }
 
 /// Block-level gradient checkpointing (rust-stack.md §4.4): the embeddings and modulations carry

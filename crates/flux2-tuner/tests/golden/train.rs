@@ -1,10 +1,12 @@
-//! `train_step` cases: one Musubi training step's loss and every LoRA gradient (f32).
+//! `train_step` cases: one Musubi training step's loss and every LoRA gradient (f32), through
+//! candle's autograd (`<id>`, `<id>@loss`) and through the direct backward that training uses on
+//! the CPU (`<id>@direct`, `<id>@direct_loss`; see `train::direct`).
 
 use candle_core::DType;
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::models::dit::Flux2Dit;
 use flux2_tuner::train::network::{LoraNetwork, NetworkConfig};
-use flux2_tuner::train::step::{training_forward, StepBatch};
+use flux2_tuner::train::step::{training_forward, training_step, StepBatch};
 use flux2_tuner::util::rng::SeededRng;
 use serde_json::Value;
 
@@ -76,19 +78,17 @@ fn run_inner(
     let noise = tensors.f32("noise")?;
     let text = tensors.f32("ctx")?;
     let weights = vec![1.0; sigmas.len()];
-    let output = training_forward(
-        &dit,
-        &StepBatch {
-            latents: &latents,
-            noise: &noise,
-            sigmas: &sigmas,
-            model_timesteps: &model_timesteps,
-            text: &text,
-            controls: &[],
-            guidance: Some(1.0),
-            weights: &weights,
-        },
-    )?;
+    let batch = StepBatch {
+        latents: &latents,
+        noise: &noise,
+        sigmas: &sigmas,
+        model_timesteps: &model_timesteps,
+        text: &text,
+        controls: &[],
+        guidance: Some(1.0),
+        weights: &weights,
+    };
+    let output = training_forward(&dit, &batch)?;
     report.check(
         &format!("{id}@loss"),
         relative_error(&output.loss.reshape(1)?, &tensors.f32("loss")?)?,
@@ -109,5 +109,24 @@ fn run_inner(
         }
     }
     report.check(id, worst, grad_tolerance);
+
+    let parameters: Vec<_> = network.parameters().into_iter().map(|(p, _)| p).collect();
+    let direct = training_step(&dit, &batch, &parameters, false)?;
+    let loss = candle_core::Tensor::new(&[direct.loss], &device)?;
+    report.check(
+        &format!("{id}@direct_loss"),
+        relative_error(&loss, &tensors.f32("loss")?)?,
+        tolerance(case, &["f32", "loss"])?,
+    );
+    let mut worst = 0f64;
+    // `parameters()` lists each module's down, then up.
+    for (module, pair) in network.modules.iter().zip(direct.gradients.chunks_exact(2)) {
+        let name = flux2_tuner::lora::musubi_module_name(&module.path);
+        for (part, actual) in [("lora_down", &pair[0]), ("lora_up", &pair[1])] {
+            let expected = tensors.f32(&format!("{name}.{part}.weight.grad"))?;
+            worst = worst.max(relative_error(actual, &expected)?);
+        }
+    }
+    report.check(&format!("{id}@direct"), worst, grad_tolerance);
     Ok(())
 }

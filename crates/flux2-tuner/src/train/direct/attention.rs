@@ -1,0 +1,424 @@
+//! Joint attention `softmax(q k^T / sqrt(d)) v` without a mask, and its backward, flash-attention
+//! style on host slices: the forward keeps the output and each row's logsumexp; the backward
+//! recomputes the probabilities per block of query rows. q, k, v are `[b, heads, L, d]`; the
+//! output (and its gradient) is token-major, `[b * L, stride]` with head `h` in columns
+//! `h d .. (h + 1) d`, so that it feeds the output projection without a transpose.
+//!
+//! With `round_products` (bf16 mixed precision) the operands of the four products are bf16
+//! values (q, k, v are rounded by the caller; the probabilities, score gradients and output
+//! gradients here), multiplied exactly and accumulated in f32, as AMX does.
+
+use rayon::prelude::*;
+
+use super::matrix::{multiply, round_in_place, Matrix};
+use crate::nn::host::{vectorised, SharedOutput};
+use crate::nn::softmax::exp;
+
+/// Query rows per block: one block's scores are `[BLOCK_ROWS, L]`.
+/// (128 x 1152 f32 scores at 1152 tokens = 590 KB, inside a 2 MB L2 next to K and V; fewer
+/// blocks also mean fewer repackings of K and V by `gemm`.)
+const BLOCK_ROWS: usize = 128;
+
+#[derive(Clone, Copy)]
+pub(super) struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub length: usize,
+    pub head_dim: usize,
+    /// Row stride of the token-major output and its gradient.
+    pub out_stride: usize,
+    pub round_products: bool,
+}
+
+impl AttentionShape {
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    fn head(&self) -> usize {
+        self.length * self.head_dim
+    }
+
+    /// Offset of row `token` of head `head` of sample `sample` in the token-major output.
+    fn out_offset(&self, sample: usize, head: usize, token: usize) -> usize {
+        (sample * self.length + token) * self.out_stride + head * self.head_dim
+    }
+
+    fn blocks(&self) -> usize {
+        self.length.div_ceil(BLOCK_ROWS)
+    }
+}
+
+fn row_max(row: &[f32]) -> f32 {
+    vectorised(|| {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let mut chunks = row.chunks_exact(16);
+        for chunk in &mut chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane = lane.max(v);
+            }
+        }
+        let tail = chunks
+            .remainder()
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        lanes.iter().fold(tail, |m, &v| m.max(v))
+    })
+}
+
+/// Replaces `row` by `exp((row - max) scale)` and returns its sum (in 16 lane sums, so that the
+/// loop vectorises).
+fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f32 {
+    vectorised(|| {
+        let mut lanes = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for chunk in &mut chunks {
+            for (lane, value) in lanes.iter_mut().zip(chunk.iter_mut()) {
+                *value = exp((*value - max) * scale);
+                *lane += *value;
+            }
+        }
+        let mut total = 0f32;
+        for value in chunks.into_remainder() {
+            *value = exp((*value - max) * scale);
+            total += *value;
+        }
+        total + lanes.iter().sum::<f32>()
+    })
+}
+
+/// Writes the output into `out` (columns `0 .. heads d` of each row) and returns the logsumexp
+/// `[b, heads, L]` of the scaled scores.
+pub(super) fn forward(
+    shape: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+) -> Vec<f32> {
+    let AttentionShape {
+        length, head_dim, ..
+    } = shape;
+    let pairs = shape.batch * shape.heads;
+    let scale = shape.scale();
+    assert!(out.len() >= (shape.batch * length - 1) * shape.out_stride + shape.heads * head_dim);
+    let mut logsumexp = vec![0f32; pairs * length];
+    let target = SharedOutput(out.as_mut_ptr());
+    let out_len = out.len();
+    // Tasks are (pair, block); their logsumexp rows are disjoint, as are their output rows.
+    let lse_target = SharedOutput(logsumexp.as_mut_ptr());
+    (0..pairs * shape.blocks())
+        .into_par_iter()
+        .for_each(|task| {
+            let (pair, block) = (task / shape.blocks(), task % shape.blocks());
+            let (sample, head) = (pair / shape.heads, pair % shape.heads);
+            let first = block * BLOCK_ROWS;
+            let rows = (length - first).min(BLOCK_ROWS);
+            let head_range = pair * shape.head()..(pair + 1) * shape.head();
+            let (q_head, k_head, v_head) = (
+                &q[head_range.clone()],
+                &k[head_range.clone()],
+                &v[head_range],
+            );
+            let mut scores = vec![0f32; rows * length];
+            multiply(
+                &mut scores,
+                length,
+                Matrix::rows(&q_head[first * head_dim..], rows, head_dim),
+                Matrix::rows(k_head, length, head_dim).t(),
+                1.0,
+                false,
+            );
+            for (r, row) in scores.chunks_exact_mut(length).enumerate() {
+                let max = row_max(row);
+                let total = exp_in_place(row, max, scale);
+                let inverse = 1.0 / total;
+                vectorised(|| row.iter_mut().for_each(|value| *value *= inverse));
+                // SAFETY: row `first + r` of pair `pair` belongs to this task only.
+                unsafe { lse_target.write(pair * length + first + r, max * scale + total.ln()) };
+            }
+            if shape.round_products {
+                round_in_place(&mut scores);
+            }
+            let start = shape.out_offset(sample, head, first);
+            let span = (rows - 1) * shape.out_stride + head_dim;
+            assert!(start + span <= out_len);
+            // SAFETY: this task owns rows `first .. first + rows` of head `head` of this sample: the
+            // `head_dim` columns of each, `out_stride` apart; no other task writes them, and the
+            // slice stays inside `out` (checked above). Columns between the rows are not written.
+            let out_rows =
+                unsafe { std::slice::from_raw_parts_mut(target.pointer().add(start), span) };
+            multiply(
+                out_rows,
+                shape.out_stride,
+                Matrix::rows(&scores, rows, length),
+                Matrix::rows(v_head, length, head_dim),
+                1.0,
+                false,
+            );
+        });
+    logsumexp
+}
+
+/// The gradients `(dq, dk, dv)`, each `[b, heads, L, d]`, from the output gradient `d_out`
+/// (token-major, `out_stride`) and the forward's output `out` (same layout) and logsumexp.
+/// Per block of query rows, with `P = exp(s q k^T - lse)` and `delta = rowsum(dO * O)`:
+/// `dV += P^T dO`, `dS = P (dO V^T - delta)`, `dQ = s dS K`, `dK += s dS^T Q`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    shape: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    logsumexp: &[f32],
+    d_out: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttentionShape {
+        length, head_dim, ..
+    } = shape;
+    let scale = shape.scale();
+    let size = shape.batch * shape.heads * shape.head();
+    let (mut dq, mut dk, mut dv) = (vec![0f32; size], vec![0f32; size], vec![0f32; size]);
+    dq.par_chunks_mut(shape.head())
+        .zip(dk.par_chunks_mut(shape.head()))
+        .zip(dv.par_chunks_mut(shape.head()))
+        .enumerate()
+        .for_each(|(pair, ((dq_head, dk_head), dv_head))| {
+            let (sample, head) = (pair / shape.heads, pair % shape.heads);
+            let head_range = pair * shape.head()..(pair + 1) * shape.head();
+            let (q_head, k_head, v_head) = (
+                &q[head_range.clone()],
+                &k[head_range.clone()],
+                &v[head_range],
+            );
+            // This head's output gradient, gathered `[L, d]` (rounded for bf16 products).
+            let mut d_head = vec![0f32; shape.head()];
+            let mut delta = vec![0f32; length];
+            for token in 0..length {
+                let at = shape.out_offset(sample, head, token);
+                let (d, o) = (&d_out[at..at + head_dim], &out[at..at + head_dim]);
+                d_head[token * head_dim..(token + 1) * head_dim].copy_from_slice(d);
+                delta[token] = d.iter().zip(o).map(|(a, b)| a * b).sum();
+            }
+            if shape.round_products {
+                round_in_place(&mut d_head);
+            }
+            let mut probabilities = vec![0f32; BLOCK_ROWS * length];
+            let mut rounded = vec![
+                0f32;
+                if shape.round_products {
+                    BLOCK_ROWS * length
+                } else {
+                    0
+                }
+            ];
+            let mut score_grad = vec![0f32; BLOCK_ROWS * length];
+            for block in 0..shape.blocks() {
+                let first = block * BLOCK_ROWS;
+                let rows = (length - first).min(BLOCK_ROWS);
+                let probabilities = &mut probabilities[..rows * length];
+                let score_grad = &mut score_grad[..rows * length];
+                let q_block = Matrix::rows(&q_head[first * head_dim..], rows, head_dim);
+                let d_block = Matrix::rows(&d_head[first * head_dim..], rows, head_dim);
+                multiply(
+                    probabilities,
+                    length,
+                    q_block,
+                    Matrix::rows(k_head, length, head_dim).t(),
+                    1.0,
+                    false,
+                );
+                let lse = &logsumexp[pair * length + first..pair * length + first + rows];
+                vectorised(|| {
+                    for (row, &l) in probabilities.chunks_exact_mut(length).zip(lse) {
+                        for value in row.iter_mut() {
+                            *value = exp(*value * scale - l);
+                        }
+                    }
+                });
+                let p_for_products: &[f32] = if shape.round_products {
+                    let rounded = &mut rounded[..rows * length];
+                    rounded.copy_from_slice(probabilities);
+                    round_in_place(rounded);
+                    rounded
+                } else {
+                    probabilities
+                };
+                multiply(
+                    dv_head,
+                    head_dim,
+                    Matrix::rows(p_for_products, rows, length).t(),
+                    d_block,
+                    1.0,
+                    true,
+                );
+                multiply(
+                    score_grad,
+                    length,
+                    d_block,
+                    Matrix::rows(v_head, length, head_dim).t(),
+                    1.0,
+                    false,
+                );
+                vectorised(|| {
+                    let rows_iter = score_grad
+                        .chunks_exact_mut(length)
+                        .zip(probabilities.chunks_exact(length));
+                    for ((g_row, p_row), &d) in rows_iter.zip(&delta[first..first + rows]) {
+                        for (g, &p) in g_row.iter_mut().zip(p_row) {
+                            *g = p * (*g - d);
+                        }
+                    }
+                });
+                if shape.round_products {
+                    round_in_place(score_grad);
+                }
+                let dq_block = &mut dq_head[first * head_dim..(first + rows) * head_dim];
+                multiply(
+                    dq_block,
+                    head_dim,
+                    Matrix::rows(score_grad, rows, length),
+                    Matrix::rows(k_head, length, head_dim),
+                    scale,
+                    false,
+                );
+                multiply(
+                    dk_head,
+                    head_dim,
+                    Matrix::rows(score_grad, rows, length).t(),
+                    q_block,
+                    scale,
+                    true,
+                );
+            }
+        });
+    (dq, dk, dv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::rng::SeededRng;
+
+    fn random(count: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = SeededRng::new(seed);
+        (0..count).map(|_| rng.normal() as f32 * scale).collect()
+    }
+
+    /// Attention of one head in f64, `[L, d]` in and out.
+    fn naive_head(q: &[f32], k: &[f32], v: &[f32], length: usize, d: usize) -> Vec<f64> {
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = vec![0f64; length * d];
+        for i in 0..length {
+            let scores: Vec<f64> = (0..length)
+                .map(|j| {
+                    (0..d)
+                        .map(|c| q[i * d + c] as f64 * k[j * d + c] as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for c in 0..d {
+                out[i * d + c] = (0..length)
+                    .map(|j| weights[j] / total * v[j * d + c] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn shape(length: usize) -> AttentionShape {
+        AttentionShape {
+            batch: 2,
+            heads: 2,
+            length,
+            head_dim: 8,
+            out_stride: 2 * 8 + 3,
+            round_products: false,
+        }
+    }
+
+    /// Gathers head `h` of sample `b` from the token-major layout.
+    fn gather(shape: AttentionShape, out: &[f32], b: usize, h: usize) -> Vec<f32> {
+        (0..shape.length)
+            .flat_map(|t| out[shape.out_offset(b, h, t)..][..shape.head_dim].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn forward_matches_naive_attention() {
+        // One full block of query rows and a partial one.
+        let shape = shape(BLOCK_ROWS + 22);
+        let size = shape.batch * shape.heads * shape.head();
+        let (q, k, v) = (
+            random(size, 1, 1.5),
+            random(size, 2, 1.5),
+            random(size, 3, 1.0),
+        );
+        let mut out = vec![5f32; shape.batch * shape.length * shape.out_stride];
+        forward(shape, &q, &k, &v, &mut out);
+        for pair in 0..shape.batch * shape.heads {
+            let range = pair * shape.head()..(pair + 1) * shape.head();
+            let want = naive_head(
+                &q[range.clone()],
+                &k[range.clone()],
+                &v[range],
+                shape.length,
+                8,
+            );
+            let got = gather(shape, &out, pair / 2, pair % 2);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+            }
+        }
+        // The padding columns of each output row are untouched.
+        assert!(out
+            .chunks(shape.out_stride)
+            .all(|row| row[16..].iter().all(|&v| v == 5.0)));
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let shape = shape(BLOCK_ROWS + 13);
+        let size = shape.batch * shape.heads * shape.head();
+        let inputs = [
+            random(size, 4, 1.5),
+            random(size, 5, 1.5),
+            random(size, 6, 1.0),
+        ];
+        let weights = random(shape.batch * shape.length * shape.out_stride, 7, 1.0);
+        let objective = |inputs: &[Vec<f32>]| -> f64 {
+            let mut out = vec![0f32; weights.len()];
+            forward(shape, &inputs[0], &inputs[1], &inputs[2], &mut out);
+            (0..shape.batch * shape.length)
+                .flat_map(|row| (0..16).map(move |c| row * shape.out_stride + c))
+                .map(|i| out[i] as f64 * weights[i] as f64)
+                .sum()
+        };
+        let mut out = vec![0f32; weights.len()];
+        let lse = forward(shape, &inputs[0], &inputs[1], &inputs[2], &mut out);
+        let grads = backward(
+            shape, &inputs[0], &inputs[1], &inputs[2], &out, &lse, &weights,
+        );
+        let grads = [grads.0, grads.1, grads.2];
+        let step = 1e-2f32;
+        for (which, grad) in grads.iter().enumerate() {
+            for index in [0, 9, 133, 1071, 2 * shape.head() + 1030, size - 1] {
+                let mut shifted = inputs.clone();
+                shifted[which][index] += step;
+                let up = objective(&shifted);
+                shifted[which][index] -= 2.0 * step;
+                let expected = (up - objective(&shifted)) / (2.0 * step as f64);
+                let got = grad[index] as f64;
+                assert!(
+                    (got - expected).abs() < 1e-2 * (1.0 + expected.abs()),
+                    "input {which} index {index}: {got} vs {expected}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! A double-stream block (`models::dit::blocks::DoubleStreamBlock`) in the direct backward: the
+//! forward keeps what its backward needs (a tape), the backward returns the input gradients of
+//! both streams and adds the LoRA gradients.
+//!
+//! Per stream: `m0 = modulate0(x)`, `qkv = qkv(m0)`, joint attention over `[txt; img]`,
+//! `x1 = x + gate0 proj(attn)`, `m1 = modulate1(x1)`, `h = mlp.0(m1)`, `a = swiglu(h)`,
+//! `y = x1 + gate1 mlp.2(a)`.
+
+use super::attention;
+use super::context::{norm_scales, Modulation, StepContext, Stream, NORM_EPS};
+use super::linear::{self, Gradients, LinearSaved};
+use super::matrix::round_in_place;
+use super::rows::{
+    gated, gated_add, modulate_backward, modulate_forward, swiglu_backward, swiglu_forward,
+    RowStatistics, SwigluColumns,
+};
+use crate::error::{Error, Result};
+use crate::models::dit::blocks::{DoubleStreamBlock, SelfAttention, SwiGluMlp};
+
+/// One stream's saved activations.
+struct StreamTape {
+    x: Vec<f32>,
+    statistics_0: Vec<RowStatistics>,
+    modulated_0: Vec<f32>,
+    qkv: Vec<f32>,
+    qkv_saved: LinearSaved,
+    attended: Vec<f32>,
+    proj_saved: LinearSaved,
+    x1: Vec<f32>,
+    statistics_1: Vec<RowStatistics>,
+    modulated_1: Vec<f32>,
+    mlp_in: Vec<f32>,
+    mlp_0_saved: LinearSaved,
+    activated: Vec<f32>,
+    mlp_2_saved: LinearSaved,
+}
+
+pub(super) struct DoubleTape {
+    img: StreamTape,
+    txt: StreamTape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output, joint `[b * L, hidden]`.
+    out: Vec<f32>,
+    logsumexp: Vec<f32>,
+}
+
+/// The parts of a stream before the attention.
+struct StreamInputs<'a> {
+    attention: &'a SelfAttention,
+    mlp: &'a SwiGluMlp,
+    modulation: &'a [Modulation; 2],
+    stream: Stream,
+}
+
+fn stream_inputs<'a>(
+    block: &'a DoubleStreamBlock,
+    context: &'a StepContext,
+    image: bool,
+) -> StreamInputs<'a> {
+    if image {
+        StreamInputs {
+            attention: &block.img_attn,
+            mlp: &block.img_mlp,
+            modulation: &context.img_mod,
+            stream: context.image,
+        }
+    } else {
+        StreamInputs {
+            attention: &block.txt_attn,
+            mlp: &block.txt_mlp,
+            modulation: &context.txt_mod,
+            stream: context.text,
+        }
+    }
+}
+
+/// Runs the block on `img` `[b * n, hidden]` and `txt` `[b * l, hidden]`; returns the outputs and
+/// the tape.
+pub(super) fn forward(
+    block: &DoubleStreamBlock,
+    context: &StepContext,
+    gradients: &Gradients,
+    img: Vec<f32>,
+    txt: Vec<f32>,
+) -> Result<(Vec<f32>, Vec<f32>, DoubleTape)> {
+    let hidden = context.hidden;
+    let joint = context.batch * context.heads * context.joint_length() * context.head_dim;
+    let (mut q, mut k, mut v) = (vec![0f32; joint], vec![0f32; joint], vec![0f32; joint]);
+    let mut before = Vec::with_capacity(2);
+    for (image, x) in [(true, img), (false, txt)] {
+        let inputs = stream_inputs(block, context, image);
+        let rows = context.batch * inputs.stream.length;
+        let modulation = &inputs.modulation[0];
+        let (modulated_0, statistics_0) = modulate_forward(
+            &x,
+            hidden,
+            inputs.stream.length,
+            &modulation.shift,
+            &modulation.scale,
+            NORM_EPS,
+        );
+        let (qkv, qkv_saved) =
+            linear::forward(&inputs.attention.qkv, gradients, &modulated_0, rows)?;
+        let scales = norm_scales(&inputs.attention.norm)?;
+        context
+            .qk_norm_rope(inputs.stream, 3 * hidden, &scales)
+            .forward(&qkv, &mut q, &mut k, &mut v);
+        before.push((x, statistics_0, modulated_0, qkv, qkv_saved));
+    }
+    if context.round_products {
+        for values in [&mut q, &mut k, &mut v] {
+            round_in_place(values);
+        }
+    }
+    let mut out = vec![0f32; context.joint_rows() * hidden];
+    let logsumexp = attention::forward(context.attention(hidden), &q, &k, &v, &mut out);
+
+    let mut outputs = Vec::with_capacity(2);
+    let mut tapes = Vec::with_capacity(2);
+    for (image, (x, statistics_0, modulated_0, qkv, qkv_saved)) in
+        [true, false].into_iter().zip(before)
+    {
+        let inputs = stream_inputs(block, context, image);
+        let length = inputs.stream.length;
+        let rows = context.batch * length;
+        let [attention_mod, mlp_mod] = inputs.modulation;
+        let attended = context.gather(inputs.stream, &out, hidden);
+        let (projected, proj_saved) =
+            linear::forward(&inputs.attention.proj, gradients, &attended, rows)?;
+        let x1 = gated_add(&x, &attention_mod.gate, &projected, hidden, length);
+        let (modulated_1, statistics_1) = modulate_forward(
+            &x1,
+            hidden,
+            length,
+            &mlp_mod.shift,
+            &mlp_mod.scale,
+            NORM_EPS,
+        );
+        let (mlp_in, mlp_0_saved) =
+            linear::forward(&inputs.mlp.layer_0, gradients, &modulated_1, rows)?;
+        let width = mlp_in.len() / rows.max(1) / 2;
+        let mut activated = vec![0f32; rows * width];
+        swiglu_forward(
+            &mlp_in,
+            SwigluColumns {
+                column: 0,
+                width,
+                stride: 2 * width,
+            },
+            &mut activated,
+            width,
+            0,
+        );
+        let (mlp_out, mlp_2_saved) =
+            linear::forward(&inputs.mlp.layer_2, gradients, &activated, rows)?;
+        outputs.push(gated_add(&x1, &mlp_mod.gate, &mlp_out, hidden, length));
+        tapes.push(StreamTape {
+            x,
+            statistics_0,
+            modulated_0,
+            qkv,
+            qkv_saved,
+            attended,
+            proj_saved,
+            x1,
+            statistics_1,
+            modulated_1,
+            mlp_in,
+            mlp_0_saved,
+            activated,
+            mlp_2_saved,
+        });
+    }
+    let (Some(txt), Some(img), Some(txt_out), Some(img_out)) =
+        (tapes.pop(), tapes.pop(), outputs.pop(), outputs.pop())
+    else {
+        return Err(Error::Shape("double block: a stream is missing".into()));
+    };
+    let tape = DoubleTape {
+        img,
+        txt,
+        q,
+        k,
+        v,
+        out,
+        logsumexp,
+    };
+    Ok((img_out, txt_out, tape))
+}
+
+/// The backward of one stream from its output gradient to the attention output: returns the
+/// gradient of the residual input so far (`dx`, without the q/k/v path) and of the attention
+/// output rows.
+fn stream_backward_to_attention(
+    inputs: &StreamInputs,
+    context: &StepContext,
+    tape: &StreamTape,
+    gradients: &mut Gradients,
+    d_out: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let hidden = context.hidden;
+    let length = inputs.stream.length;
+    let rows = context.batch * length;
+    let [attention_mod, mlp_mod] = inputs.modulation;
+    let width = tape.activated.len() / rows.max(1);
+    let d_mlp_out = gated(d_out, &mlp_mod.gate, hidden, length);
+    let mut d_activated = vec![0f32; rows * width];
+    linear::backward(
+        &inputs.mlp.layer_2,
+        gradients,
+        &tape.activated,
+        &tape.mlp_2_saved,
+        &d_mlp_out,
+        rows,
+        Some(&mut d_activated),
+        false,
+    )?;
+    let mut d_mlp_in = vec![0f32; rows * 2 * width];
+    swiglu_backward(
+        &tape.mlp_in,
+        SwigluColumns {
+            column: 0,
+            width,
+            stride: 2 * width,
+        },
+        &d_activated,
+        width,
+        0,
+        &mut d_mlp_in,
+    );
+    let mut d_modulated_1 = vec![0f32; rows * hidden];
+    linear::backward(
+        &inputs.mlp.layer_0,
+        gradients,
+        &tape.modulated_1,
+        &tape.mlp_0_saved,
+        &d_mlp_in,
+        rows,
+        Some(&mut d_modulated_1),
+        false,
+    )?;
+    let mut d_x1 = d_out.to_vec();
+    modulate_backward(
+        &d_modulated_1,
+        &tape.x1,
+        &tape.statistics_1,
+        hidden,
+        length,
+        &mlp_mod.scale,
+        &mut d_x1,
+    );
+    let d_projected = gated(&d_x1, &attention_mod.gate, hidden, length);
+    let mut d_attended = vec![0f32; rows * hidden];
+    linear::backward(
+        &inputs.attention.proj,
+        gradients,
+        &tape.attended,
+        &tape.proj_saved,
+        &d_projected,
+        rows,
+        Some(&mut d_attended),
+        false,
+    )?;
+    Ok((d_x1, d_attended))
+}
+
+/// The input gradients `(d_img, d_txt)` from the output gradients; `None` when
+/// `input_gradients` is false (the first block: nothing before it is trained).
+pub(super) fn backward(
+    block: &DoubleStreamBlock,
+    context: &StepContext,
+    tape: &DoubleTape,
+    gradients: &mut Gradients,
+    d_img: &[f32],
+    d_txt: &[f32],
+    input_gradients: bool,
+) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    let hidden = context.hidden;
+    let mut d_out = vec![0f32; context.joint_rows() * hidden];
+    let mut residuals = Vec::with_capacity(2);
+    for (image, stream_tape, d_stream) in [(true, &tape.img, d_img), (false, &tape.txt, d_txt)] {
+        let inputs = stream_inputs(block, context, image);
+        let (d_x, d_attended) =
+            stream_backward_to_attention(&inputs, context, stream_tape, gradients, d_stream)?;
+        context.scatter(inputs.stream, &d_attended, &mut d_out, hidden);
+        residuals.push(d_x);
+    }
+    let (dq, dk, dv) = attention::backward(
+        context.attention(hidden),
+        &tape.q,
+        &tape.k,
+        &tape.v,
+        &tape.out,
+        &tape.logsumexp,
+        &d_out,
+    );
+    let mut input_grads = Vec::with_capacity(2);
+    for ((image, stream_tape), mut d_x) in [(true, &tape.img), (false, &tape.txt)]
+        .into_iter()
+        .zip(residuals)
+    {
+        let inputs = stream_inputs(block, context, image);
+        let length = inputs.stream.length;
+        let rows = context.batch * length;
+        let scales = norm_scales(&inputs.attention.norm)?;
+        let mut d_qkv = vec![0f32; rows * 3 * hidden];
+        context
+            .qk_norm_rope(inputs.stream, 3 * hidden, &scales)
+            .backward(&stream_tape.qkv, &dq, &dk, &dv, &mut d_qkv);
+        if input_gradients {
+            let mut d_modulated_0 = vec![0f32; rows * hidden];
+            linear::backward(
+                &inputs.attention.qkv,
+                gradients,
+                &stream_tape.modulated_0,
+                &stream_tape.qkv_saved,
+                &d_qkv,
+                rows,
+                Some(&mut d_modulated_0),
+                false,
+            )?;
+            let modulation = &inputs.modulation[0];
+            modulate_backward(
+                &d_modulated_0,
+                &stream_tape.x,
+                &stream_tape.statistics_0,
+                hidden,
+                length,
+                &modulation.scale,
+                &mut d_x,
+            );
+            input_grads.push(d_x);
+        } else {
+            linear::backward(
+                &inputs.attention.qkv,
+                gradients,
+                &stream_tape.modulated_0,
+                &stream_tape.qkv_saved,
+                &d_qkv,
+                rows,
+                None,
+                false,
+            )?;
+        }
+    }
+    if !input_gradients {
+        return Ok(None);
+    }
+    let d_txt = input_grads.pop();
+    let d_img = input_grads.pop();
+    Ok(d_img.zip(d_txt))
+}

@@ -1,0 +1,334 @@
+//! Matrix products of the direct backward on host slices: strided f32 products on the `gemm`
+//! crate's kernels (no `contiguous` copies: a transpose is a swap of strides), and the products
+//! with a frozen base weight, f32 or bf16 (bf16 mixed precision: both operands rounded to bf16,
+//! AMX tiles with f32 accumulation, as `nn::trainable::bf16_weight_linear`).
+
+use half::bf16;
+
+use crate::nn::amx::{self, PackedB};
+use crate::nn::fused::round_to_bf16;
+use crate::nn::host::vectorised;
+
+/// A read-only strided view: element `(r, c)` is `data[r * row_stride + c * column_stride]`.
+#[derive(Clone, Copy)]
+pub(super) struct Matrix<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub columns: usize,
+    pub row_stride: usize,
+    pub column_stride: usize,
+}
+
+impl<'a> Matrix<'a> {
+    /// `data` as a row-major `[rows, columns]` matrix.
+    pub fn rows(data: &'a [f32], rows: usize, columns: usize) -> Self {
+        Self::strided(data, rows, columns, columns)
+    }
+
+    /// Row-major `[rows, columns]` whose rows are `row_stride` apart (a column range of a wider
+    /// matrix, starting at `data[0]`).
+    pub fn strided(data: &'a [f32], rows: usize, columns: usize, row_stride: usize) -> Self {
+        Self {
+            data,
+            rows,
+            columns,
+            row_stride,
+            column_stride: 1,
+        }
+    }
+
+    /// The transpose, as a view of the same memory.
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.columns,
+            columns: self.rows,
+            row_stride: self.column_stride,
+            column_stride: self.row_stride,
+        }
+    }
+
+    /// Panics when the view reaches past its slice (the `gemm` call below reads raw pointers).
+    fn check(&self) {
+        if self.rows > 0 && self.columns > 0 {
+            let last = (self.rows - 1) * self.row_stride + (self.columns - 1) * self.column_stride;
+            assert!(last < self.data.len(), "matrix view out of bounds");
+        }
+    }
+}
+
+/// Whether a product of this many multiply-adds is worth splitting over the thread pool.
+fn parallel_for(multiply_adds: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && multiply_adds >= 1 << 21 && rayon::current_thread_index().is_none() {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `out[r * out_stride + c] (+)= scale * (a b)[r, c]`; `accumulate` adds to what `out` holds.
+/// Called from inside a parallel task it runs single-threaded.
+pub(super) fn multiply(
+    out: &mut [f32],
+    out_stride: usize,
+    a: Matrix,
+    b: Matrix,
+    scale: f32,
+    accumulate: bool,
+) {
+    assert_eq!(a.columns, b.rows, "inner dimensions differ");
+    a.check();
+    b.check();
+    let (m, n, k) = (a.rows, b.columns, a.columns);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * out_stride + n <= out.len() && out_stride >= n,
+        "product output out of bounds"
+    );
+    if k == 0 {
+        if !accumulate {
+            for row in 0..m {
+                out[row * out_stride..row * out_stride + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: every index the views and the output describe was checked to be in bounds above;
+    // `out` does not alias `a` or `b` (a `&mut` borrow next to two shared ones).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            out_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.column_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.column_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallel_for(m * n * k),
+        );
+    }
+}
+
+/// `values` rounded to bf16.
+pub(super) fn to_bf16(values: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; values.len()];
+    vectorised(|| {
+        for (o, &v) in out.iter_mut().zip(values) {
+            *o = round_to_bf16(v);
+        }
+    });
+    out
+}
+
+/// `values` rounded to the nearest bf16, kept as f32 (exact products of such values in f32 are
+/// the products AMX computes).
+pub(super) fn round_in_place(values: &mut [f32]) {
+    vectorised(|| {
+        for v in values.iter_mut() {
+            *v = round_to_bf16(*v).to_f32();
+        }
+    });
+}
+
+/// A frozen base weight `[out, in]` (row-major) in host memory.
+#[derive(Clone, Copy)]
+pub(super) enum FrozenWeight<'a> {
+    F32(&'a [f32]),
+    /// bf16 mixed precision: activations are rounded to bf16 for the products.
+    Bf16(&'a [bf16]),
+}
+
+impl FrozenWeight<'_> {
+    /// `y = x W^T` for `x` `[rows, in]`, `y` `[rows, out]` (overwritten).
+    pub fn forward(&self, x: &[f32], rows: usize, in_features: usize, y: &mut [f32]) {
+        let out_features = y.len() / rows.max(1);
+        match self {
+            Self::F32(weight) => multiply(
+                y,
+                out_features,
+                Matrix::rows(x, rows, in_features),
+                Matrix::rows(weight, out_features, in_features).t(),
+                1.0,
+                false,
+            ),
+            Self::Bf16(weight) => {
+                // Element (i, o) of W^T is W[o, i].
+                let packed = || PackedB::new(weight, in_features, out_features, 1, in_features);
+                bf16_product(x, rows, in_features, packed, weight, false, y, out_features);
+            }
+        }
+    }
+
+    /// `dx (+)= dy W` for `dy` `[rows, out]`, `dx` `[rows, in]`.
+    pub fn backward(
+        &self,
+        dy: &[f32],
+        rows: usize,
+        out_features: usize,
+        dx: &mut [f32],
+        accumulate: bool,
+    ) {
+        let in_features = dx.len() / rows.max(1);
+        match self {
+            Self::F32(weight) => multiply(
+                dx,
+                in_features,
+                Matrix::rows(dy, rows, out_features),
+                Matrix::rows(weight, out_features, in_features),
+                1.0,
+                accumulate,
+            ),
+            Self::Bf16(weight) => {
+                let product = || PackedB::new(weight, out_features, in_features, in_features, 1);
+                if accumulate {
+                    let mut part = vec![0f32; dx.len()];
+                    bf16_product(
+                        dy,
+                        rows,
+                        out_features,
+                        product,
+                        weight,
+                        true,
+                        &mut part,
+                        in_features,
+                    );
+                    vectorised(|| dx.iter_mut().zip(&part).for_each(|(d, p)| *d += p));
+                } else {
+                    bf16_product(
+                        dy,
+                        rows,
+                        out_features,
+                        product,
+                        weight,
+                        true,
+                        dx,
+                        in_features,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `out = round(a) B` with `B` the bf16 weight as `[k, n]` (`transposed_weight`: `W` itself,
+/// `[out, in]` = `[k, n]`; else `W^T`). On AMX the packed operand comes from `packed`; without
+/// AMX both operands are widened to f32 and multiplied by `gemm`.
+#[allow(clippy::too_many_arguments)]
+fn bf16_product(
+    a: &[f32],
+    rows: usize,
+    k: usize,
+    packed: impl FnOnce() -> PackedB,
+    weight: &[bf16],
+    weight_is_k_by_n: bool,
+    out: &mut [f32],
+    n: usize,
+) {
+    let a_rounded = to_bf16(&a[..rows * k]);
+    if amx::available() && amx::multiply(&a_rounded, rows, k, &packed(), n, out, |v| v) {
+        return;
+    }
+    let a_wide: Vec<f32> = a_rounded.iter().map(|v| v.to_f32()).collect();
+    let weight_wide: Vec<f32> = weight[..k * n].iter().map(|v| v.to_f32()).collect();
+    let b = if weight_is_k_by_n {
+        Matrix::rows(&weight_wide, k, n)
+    } else {
+        Matrix::rows(&weight_wide, n, k).t()
+    };
+    multiply(out, n, Matrix::rows(&a_wide, rows, k), b, 1.0, false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::rng::SeededRng;
+
+    fn random(count: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SeededRng::new(seed);
+        (0..count).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// `a b` summed in f64 from views, as the reference.
+    fn naive(a: Matrix, b: Matrix) -> Vec<f64> {
+        let at = |m: &Matrix, r: usize, c: usize| m.data[r * m.row_stride + c * m.column_stride];
+        let mut out = vec![0f64; a.rows * b.columns];
+        for r in 0..a.rows {
+            for c in 0..b.columns {
+                out[r * b.columns + c] = (0..a.columns)
+                    .map(|i| at(&a, r, i) as f64 * at(&b, i, c) as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn strided_products_match_a_naive_sum() {
+        let (m, k, n) = (7, 13, 5);
+        // `a` is the left 13 columns of a [7, 20] matrix; `b` is read transposed.
+        let a_data = random(m * 20, 1);
+        let b_data = random(n * k, 2);
+        let a = Matrix::strided(&a_data, m, k, 20);
+        let b = Matrix::rows(&b_data, n, k).t();
+        let expected = naive(a, b);
+        let mut out = vec![1f32; m * 9];
+        multiply(&mut out, 9, a, b, 0.5, true);
+        for r in 0..m {
+            for c in 0..n {
+                let want = 1.0 + 0.5 * expected[r * n + c];
+                assert!((out[r * 9 + c] as f64 - want).abs() < 1e-5);
+            }
+            // Columns past `n` are left alone.
+            assert!(out[r * 9 + n..r * 9 + 9].iter().all(|&v| v == 1.0));
+        }
+    }
+
+    #[test]
+    fn bf16_weight_products_use_rounded_operands() {
+        let (rows, in_features, out_features) = (37, 70, 45);
+        let x = random(rows * in_features, 3);
+        let weight: Vec<bf16> = random(out_features * in_features, 4)
+            .iter()
+            .map(|&v| round_to_bf16(v))
+            .collect();
+        let mut rounded_x = x.clone();
+        round_in_place(&mut rounded_x);
+        let weight_wide: Vec<f32> = weight.iter().map(|v| v.to_f32()).collect();
+        let frozen = FrozenWeight::Bf16(&weight);
+        let mut y = vec![0f32; rows * out_features];
+        frozen.forward(&x, rows, in_features, &mut y);
+        let expected = naive(
+            Matrix::rows(&rounded_x, rows, in_features),
+            Matrix::rows(&weight_wide, out_features, in_features).t(),
+        );
+        for (got, want) in y.iter().zip(&expected) {
+            assert!((*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()));
+        }
+        let dy = random(rows * out_features, 5);
+        let mut rounded_dy = dy.clone();
+        round_in_place(&mut rounded_dy);
+        let mut dx = vec![2f32; rows * in_features];
+        frozen.backward(&dy, rows, out_features, &mut dx, true);
+        let expected = naive(
+            Matrix::rows(&rounded_dy, rows, out_features),
+            Matrix::rows(&weight_wide, out_features, in_features),
+        );
+        for (got, want) in dx.iter().zip(&expected) {
+            assert!((*got as f64 - 2.0 - want).abs() < 1e-4 * (1.0 + want.abs()));
+        }
+    }
+}
