@@ -4,7 +4,9 @@
 //! LoRA (alpha 32) on Musubi's default targets, batch 1 of 1024 image tokens (a 32 x 32 grid) and
 //! 128 text tokens. One step is `training_step` (noise, forward, flow-matching MSE, backward)
 //! plus an AdamW step; timed in f32 and bf16 (bf16 base weights, f32 LoRA), with and without
-//! gradient checkpointing (warm-up, then the median of several steps).
+//! gradient checkpointing (warm-up, then the median of several steps). On the CPU the step's
+//! blocks take the direct backward (`train::direct`); each configuration is also timed through
+//! candle's autograd (`FLUX2_AUTOGRAD_BACKWARD=1`) for comparison.
 //!
 //! Each configuration runs in a child process of this example (re-executed with `--run`), so that
 //! its peak resident memory (`VmHWM` of `/proc/self/status`) is its own.
@@ -199,13 +201,22 @@ struct Measured {
 }
 
 /// Runs one configuration in a child process of this executable.
+/// With `autograd`, the child takes candle's autograd path (`FLUX2_AUTOGRAD_BACKWARD`) instead of
+/// the direct backward, for comparison.
 fn measure(
     path: &Path,
     dtype: DType,
     checkpointing: bool,
+    autograd: bool,
     options: &Options,
 ) -> BenchResult<Measured> {
-    let output = Command::new(std::env::current_exe()?)
+    let mut command = Command::new(std::env::current_exe()?);
+    if autograd {
+        command.env("FLUX2_AUTOGRAD_BACKWARD", "1");
+    } else {
+        command.env_remove("FLUX2_AUTOGRAD_BACKWARD");
+    }
+    let output = command
         .args(["--threads", &options.threads.to_string()])
         .args(["--warmup", &options.warmup.to_string()])
         .args(["--iterations", &options.iterations.to_string()])
@@ -274,8 +285,9 @@ fn main() -> BenchResult<()> {
     let mut rows = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
         for checkpointing in [false, true] {
-            let measured = measure(&path, dtype, checkpointing, &options);
-            rows.push((dtype, checkpointing, measured));
+            let measured = measure(&path, dtype, checkpointing, false, &options);
+            let autograd = measure(&path, dtype, checkpointing, true, &options);
+            rows.push((dtype, checkpointing, measured, autograd));
         }
     }
     std::fs::remove_dir_all(&directory)?;
@@ -305,15 +317,15 @@ fn main() -> BenchResult<()> {
         Err(reason) => println!("PyTorch unavailable: {reason}"),
     }
     println!(
-        "| dtype | gradient checkpointing | rust s | rust peak MiB | pytorch s | pytorch peak MiB | time ratio | memory ratio |"
+        "| dtype | gradient checkpointing | rust s | rust peak MiB | pytorch s | pytorch peak MiB | time ratio | memory ratio | rust autograd s | autograd peak MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for (dtype, checkpointing, measured) in &rows {
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (dtype, checkpointing, measured, autograd) in &rows {
         let name = dtype_name(*dtype);
         let measured = match measured {
             Ok(measured) => measured,
             Err(error) => {
-                println!("| {name} | {checkpointing} | failed: {error} | | | | | |");
+                println!("| {name} | {checkpointing} | failed: {error} | | | | | | | |");
                 continue;
             }
         };
@@ -332,8 +344,15 @@ fn main() -> BenchResult<()> {
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
+        let (autograd_seconds, autograd_mib) = match autograd {
+            Ok(autograd) => (
+                format!("{:.3}", autograd.seconds),
+                format!("{:.0}", autograd.peak_mib),
+            ),
+            Err(_) => ("failed".into(), "-".into()),
+        };
         println!(
-            "| {name} | {} | {:.3} | {:.0} | {torch_seconds} | {torch_mib} | {time_ratio} | {memory_ratio} |",
+            "| {name} | {} | {:.3} | {:.0} | {torch_seconds} | {torch_mib} | {time_ratio} | {memory_ratio} | {autograd_seconds} | {autograd_mib} |",
             if *checkpointing { "yes" } else { "no" },
             measured.seconds,
             measured.peak_mib,

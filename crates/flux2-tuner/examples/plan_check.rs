@@ -9,7 +9,9 @@
 //! reports `VmHWM` minus the resident memory before loading. The children run with
 //! `MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors go back to the system and the peak is that of
 //! live tensors (a GPU caching allocator behaves alike). The parent prints predicted against
-//! measured and the relative error.
+//! measured and the relative error. Training steps go through candle's autograd
+//! (`training_step_by_autograd`), the path a CUDA device runs and the planner models; the CPU's
+//! own direct backward (`train::direct`) keeps less.
 //!
 //! ```text
 //! cargo run --release -p flux2-tuner --example plan_check -- [--grid 32] [--threads 2]
@@ -32,7 +34,7 @@ use flux2_tuner::plan::{
 use flux2_tuner::quant::Fp8Mode;
 use flux2_tuner::train::network::{LoraNetwork, NetworkConfig};
 use flux2_tuner::train::optim::{AdamW, Optimizer};
-use flux2_tuner::train::step::{training_step, StepBatch};
+use flux2_tuner::train::step::{training_step_by_autograd, StepBatch};
 use flux2_tuner::util::rng::SeededRng;
 
 type CheckResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -180,7 +182,14 @@ fn run_one(path: &Path, setting: Setting, grid: usize) -> CheckResult<()> {
             weights: &[1.0],
         };
         for _ in 0..2 {
-            let step = training_step(&dit, &batch, &parameters, setting.checkpointing)?;
+            let step = training_step_by_autograd(
+                &dit,
+                &batch,
+                None,
+                &parameters,
+                setting.checkpointing,
+                None,
+            )?;
             optimizer.step(&step.gradients, 1e-4)?;
         }
     } else {

@@ -17,7 +17,7 @@ use crate::nn::softmax::exp;
 /// Query rows per block: one block's scores are `[BLOCK_ROWS, L]`.
 /// (128 x 1152 f32 scores at 1152 tokens = 590 KB, inside a 2 MB L2 next to K and V; fewer
 /// blocks also mean fewer repackings of K and V by `gemm`.)
-const BLOCK_ROWS: usize = 128;
+pub(super) const BLOCK_ROWS: usize = 128;
 
 #[derive(Clone, Copy)]
 pub(super) struct AttentionShape {
@@ -49,7 +49,7 @@ impl AttentionShape {
     }
 }
 
-fn row_max(row: &[f32]) -> f32 {
+pub(super) fn row_max(row: &[f32]) -> f32 {
     vectorised(|| {
         let mut lanes = [f32::NEG_INFINITY; 16];
         let mut chunks = row.chunks_exact(16);
@@ -68,7 +68,7 @@ fn row_max(row: &[f32]) -> f32 {
 
 /// Replaces `row` by `exp((row - max) scale)` and returns its sum (in 16 lane sums, so that the
 /// loop vectorises).
-fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f32 {
+pub(super) fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f32 {
     vectorised(|| {
         let mut lanes = [0f32; 16];
         let mut chunks = row.chunks_exact_mut(16);
@@ -88,8 +88,41 @@ fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f32 {
 }
 
 /// Writes the output into `out` (columns `0 .. heads d` of each row) and returns the logsumexp
-/// `[b, heads, L]` of the scaled scores.
+/// `[b, heads, L]` of the scaled scores; on AMX tiles for bf16 products when available.
 pub(super) fn forward(
+    shape: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+) -> Vec<f32> {
+    if shape.round_products && super::attention_amx::available() {
+        return super::attention_amx::forward(shape, q, k, v, out);
+    }
+    forward_f32(shape, q, k, v, out)
+}
+
+/// The gradients of [`forward`] (see [`backward_f32`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    shape: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    logsumexp: &[f32],
+    d_out: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    if shape.round_products && super::attention_amx::available() {
+        return super::attention_amx::backward(shape, q, k, v, out, logsumexp, d_out);
+    }
+    backward_f32(shape, q, k, v, out, logsumexp, d_out)
+}
+
+/// [`forward`] with f32 `gemm` products (of bf16-rounded operands with `round_products`):
+/// writes the output into `out` (columns `0 .. heads d` of each row) and returns the logsumexp
+/// `[b, heads, L]` of the scaled scores.
+pub(super) fn forward_f32(
     shape: AttentionShape,
     q: &[f32],
     k: &[f32],
@@ -165,7 +198,7 @@ pub(super) fn forward(
 /// Per block of query rows, with `P = exp(s q k^T - lse)` and `delta = rowsum(dO * O)`:
 /// `dV += P^T dO`, `dS = P (dO V^T - delta)`, `dQ = s dS K`, `dK += s dS^T Q`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn backward(
+pub(super) fn backward_f32(
     shape: AttentionShape,
     q: &[f32],
     k: &[f32],

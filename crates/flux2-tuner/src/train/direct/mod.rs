@@ -21,6 +21,7 @@
 //! path runs. `FLUX2_AUTOGRAD_BACKWARD=1` forces the autograd path (for comparisons).
 
 mod attention;
+mod attention_amx;
 mod context;
 mod double_block;
 mod linear;

@@ -1,0 +1,326 @@
+//! [`super::attention`] for bf16 mixed precision on AMX tiles: the same blocks, the same bf16
+//! operands (q, k, v arrive rounded; probabilities, score gradients and output gradients are
+//! rounded here), but the products run on `nn::amx` instead of f32 `gemm`. K, K^T, V and V^T are
+//! packed once per head. Used when AMX is available; the results equal the f32 path's up to the
+//! order of the f32 accumulation.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::attention::{exp_in_place, row_max, AttentionShape, BLOCK_ROWS};
+use super::matrix::to_bf16;
+use crate::nn::amx::{self, PackedB};
+use crate::nn::fused::round_to_bf16;
+use crate::nn::host::{vectorised, SharedOutput};
+use crate::nn::softmax::exp;
+
+/// `out = a B` (`a` `[rows, k]` bf16) through AMX; `out` `[rows, n]` is overwritten.
+fn product(a: &[bf16], rows: usize, k: usize, b: &PackedB, n: usize, out: &mut [f32]) {
+    let done = amx::multiply(a, rows, k, b, n, out, |v| v);
+    debug_assert!(done, "AMX was checked to be available");
+}
+
+/// `values` `[rows, columns]` transposed into bf16 `[columns, rows]`.
+fn transposed_bf16(values: &[f32], rows: usize, columns: usize) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; rows * columns];
+    vectorised(|| {
+        for (r, row) in values.chunks_exact(columns).take(rows).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                out[c * rows + r] = round_to_bf16(v);
+            }
+        }
+    });
+    out
+}
+
+/// Per head: `K^T` `[d, L]`, `V` `[L, d]` packed for the forward.
+struct ForwardPacks {
+    keys_transposed: PackedB,
+    values: PackedB,
+}
+
+/// Whether this module can run (AMX present and permitted).
+pub(super) fn available() -> bool {
+    amx::available()
+}
+
+/// As [`super::attention::forward`].
+pub(super) fn forward(
+    shape: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+) -> Vec<f32> {
+    let AttentionShape {
+        length, head_dim, ..
+    } = shape;
+    let pairs = shape.batch * shape.heads;
+    let head = length * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let blocks = length.div_ceil(BLOCK_ROWS);
+    let (q16, k16, v16) = (to_bf16(q), to_bf16(k), to_bf16(v));
+    let packs: Vec<ForwardPacks> = (0..pairs)
+        .into_par_iter()
+        .map(|pair| {
+            let (keys, values) = (&k16[pair * head..], &v16[pair * head..]);
+            ForwardPacks {
+                keys_transposed: PackedB::new(keys, head_dim, length, 1, head_dim),
+                values: PackedB::new(values, length, head_dim, head_dim, 1),
+            }
+        })
+        .collect();
+    let mut logsumexp = vec![0f32; pairs * length];
+    let lse_target = SharedOutput(logsumexp.as_mut_ptr());
+    let out_target = SharedOutput(out.as_mut_ptr());
+    let out_len = out.len();
+    (0..pairs * blocks).into_par_iter().for_each(|task| {
+        let (pair, block) = (task / blocks, task % blocks);
+        let (sample, head_index) = (pair / shape.heads, pair % shape.heads);
+        let first = block * BLOCK_ROWS;
+        let rows = (length - first).min(BLOCK_ROWS);
+        let mut scores = vec![0f32; rows * length];
+        let q_block = &q16[pair * head + first * head_dim..][..rows * head_dim];
+        product(
+            q_block,
+            rows,
+            head_dim,
+            &packs[pair].keys_transposed,
+            length,
+            &mut scores,
+        );
+        let mut probabilities = vec![bf16::ZERO; rows * length];
+        for (r, (row, p_row)) in scores
+            .chunks_exact_mut(length)
+            .zip(probabilities.chunks_exact_mut(length))
+            .enumerate()
+        {
+            let max = row_max(row);
+            let total = exp_in_place(row, max, scale);
+            let inverse = 1.0 / total;
+            vectorised(|| {
+                for (p, &value) in p_row.iter_mut().zip(row.iter()) {
+                    *p = round_to_bf16(value * inverse);
+                }
+            });
+            // SAFETY: row `first + r` of pair `pair` belongs to this task only.
+            unsafe { lse_target.write(pair * length + first + r, max * scale + total.ln()) };
+        }
+        let mut block_out = vec![0f32; rows * head_dim];
+        product(
+            &probabilities,
+            rows,
+            length,
+            &packs[pair].values,
+            head_dim,
+            &mut block_out,
+        );
+        for (r, values) in block_out.chunks_exact(head_dim).enumerate() {
+            let at = (sample * length + first + r) * shape.out_stride + head_index * head_dim;
+            assert!(at + head_dim <= out_len);
+            // SAFETY: these `head_dim` values of row `first + r` belong to this task's head and
+            // rows only, inside `out` (checked above).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    values.as_ptr(),
+                    out_target.pointer().add(at),
+                    head_dim,
+                );
+            }
+        }
+    });
+    logsumexp
+}
+
+/// As [`super::attention::backward`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    shape: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    logsumexp: &[f32],
+    d_out: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttentionShape {
+        length, head_dim, ..
+    } = shape;
+    let head = length * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let size = shape.batch * shape.heads * head;
+    let (mut dq, mut dk, mut dv) = (vec![0f32; size], vec![0f32; size], vec![0f32; size]);
+    dq.par_chunks_mut(head)
+        .zip(dk.par_chunks_mut(head))
+        .zip(dv.par_chunks_mut(head))
+        .enumerate()
+        .for_each(|(pair, ((dq_head, dk_head), dv_head))| {
+            let (sample, head_index) = (pair / shape.heads, pair % shape.heads);
+            let range = pair * head..(pair + 1) * head;
+            let (q16, k16, v16) = (
+                to_bf16(&q[range.clone()]),
+                to_bf16(&k[range.clone()]),
+                to_bf16(&v[range]),
+            );
+            let keys_transposed = PackedB::new(&k16, head_dim, length, 1, head_dim);
+            let keys = PackedB::new(&k16, length, head_dim, head_dim, 1);
+            let values_transposed = PackedB::new(&v16, head_dim, length, 1, head_dim);
+            let mut d_head = vec![0f32; head];
+            let mut delta = vec![0f32; length];
+            for token in 0..length {
+                let at = (sample * length + token) * shape.out_stride + head_index * head_dim;
+                let (d, o) = (&d_out[at..at + head_dim], &out[at..at + head_dim]);
+                d_head[token * head_dim..(token + 1) * head_dim].copy_from_slice(d);
+                delta[token] = d.iter().zip(o).map(|(a, b)| a * b).sum();
+            }
+            let d16 = to_bf16(&d_head);
+            let mut probabilities = vec![0f32; BLOCK_ROWS * length];
+            let mut score_grad = vec![0f32; BLOCK_ROWS * length];
+            let mut keys_part = vec![0f32; length * head_dim];
+            let mut query_part = vec![0f32; BLOCK_ROWS * head_dim];
+            for block in 0..length.div_ceil(BLOCK_ROWS) {
+                let first = block * BLOCK_ROWS;
+                let rows = (length - first).min(BLOCK_ROWS);
+                let probabilities = &mut probabilities[..rows * length];
+                let score_grad = &mut score_grad[..rows * length];
+                let q_block = &q16[first * head_dim..(first + rows) * head_dim];
+                let d_block = &d16[first * head_dim..(first + rows) * head_dim];
+                product(
+                    q_block,
+                    rows,
+                    head_dim,
+                    &keys_transposed,
+                    length,
+                    probabilities,
+                );
+                let lse = &logsumexp[pair * length + first..pair * length + first + rows];
+                vectorised(|| {
+                    for (row, &l) in probabilities.chunks_exact_mut(length).zip(lse) {
+                        for value in row.iter_mut() {
+                            *value = exp(*value * scale - l);
+                        }
+                    }
+                });
+                // dV += P^T dO
+                let p_transposed = transposed_bf16(probabilities, rows, length);
+                let d_packed = PackedB::new(d_block, rows, head_dim, head_dim, 1);
+                product(
+                    &p_transposed,
+                    length,
+                    rows,
+                    &d_packed,
+                    head_dim,
+                    &mut keys_part,
+                );
+                vectorised(|| {
+                    dv_head
+                        .iter_mut()
+                        .zip(&keys_part)
+                        .for_each(|(a, b)| *a += b)
+                });
+                // dS = P (dO V^T - delta)
+                product(
+                    d_block,
+                    rows,
+                    head_dim,
+                    &values_transposed,
+                    length,
+                    score_grad,
+                );
+                vectorised(|| {
+                    let rows_iter = score_grad
+                        .chunks_exact_mut(length)
+                        .zip(probabilities.chunks_exact(length));
+                    for ((g_row, p_row), &d) in rows_iter.zip(&delta[first..first + rows]) {
+                        for (g, &p) in g_row.iter_mut().zip(p_row) {
+                            *g = p * (*g - d);
+                        }
+                    }
+                });
+                // dQ = s dS K
+                let score_grad16 = to_bf16(score_grad);
+                let query_part = &mut query_part[..rows * head_dim];
+                product(&score_grad16, rows, length, &keys, head_dim, query_part);
+                let dq_block = &mut dq_head[first * head_dim..(first + rows) * head_dim];
+                vectorised(|| {
+                    dq_block
+                        .iter_mut()
+                        .zip(query_part.iter())
+                        .for_each(|(a, b)| *a = b * scale)
+                });
+                // dK += s dS^T Q
+                let score_grad_transposed = transposed_bf16(score_grad, rows, length);
+                let q_packed = PackedB::new(q_block, rows, head_dim, head_dim, 1);
+                product(
+                    &score_grad_transposed,
+                    length,
+                    rows,
+                    &q_packed,
+                    head_dim,
+                    &mut keys_part,
+                );
+                vectorised(|| {
+                    dk_head
+                        .iter_mut()
+                        .zip(&keys_part)
+                        .for_each(|(a, b)| *a += b * scale)
+                });
+            }
+        });
+    (dq, dk, dv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::direct::attention;
+    use crate::util::rng::SeededRng;
+
+    fn random(count: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = SeededRng::new(seed);
+        (0..count)
+            .map(|_| round_to_bf16(rng.normal() as f32 * scale).to_f32())
+            .collect()
+    }
+
+    fn relative(a: &[f32], b: &[f32]) -> f64 {
+        let difference: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (difference / norm).sqrt()
+    }
+
+    /// Against the f32 path with the same bf16 operands: only the accumulation order differs.
+    #[test]
+    fn matches_the_rounded_f32_path() {
+        if !available() {
+            return;
+        }
+        let shape = AttentionShape {
+            batch: 2,
+            heads: 2,
+            length: BLOCK_ROWS + 37,
+            head_dim: 16,
+            out_stride: 2 * 16 + 5,
+            round_products: true,
+        };
+        let size = shape.batch * shape.heads * shape.length * shape.head_dim;
+        let (q, k, v) = (
+            random(size, 1, 1.5),
+            random(size, 2, 1.5),
+            random(size, 3, 1.0),
+        );
+        let rows = shape.batch * shape.length * shape.out_stride;
+        let d_out = random(rows, 4, 1.0);
+        let (mut out_amx, mut out_f32) = (vec![0f32; rows], vec![0f32; rows]);
+        let lse_amx = forward(shape, &q, &k, &v, &mut out_amx);
+        let lse_f32 = attention::forward_f32(shape, &q, &k, &v, &mut out_f32);
+        assert!(relative(&out_amx, &out_f32) < 1e-5);
+        assert!(relative(&lse_amx, &lse_f32) < 1e-6);
+        let amx = backward(shape, &q, &k, &v, &out_f32, &lse_f32, &d_out);
+        let f32 = attention::backward_f32(shape, &q, &k, &v, &out_f32, &lse_f32, &d_out);
+        for (a, b) in [(&amx.0, &f32.0), (&amx.1, &f32.1), (&amx.2, &f32.2)] {
+            let error = relative(a, b);
+            assert!(error < 1e-5, "{error}");
+        }
+    }
+}
