@@ -17,7 +17,7 @@ use flux2_tuner::train::step::{
 use flux2_tuner::util::rng::SeededRng;
 
 mod common;
-use common::random;
+use common::{attach_seeded_lora, random};
 
 fn golden() -> PathBuf {
     std::env::var_os("FLUX2_GOLDEN_DIR")
@@ -35,22 +35,7 @@ fn model(
     let path = golden().join(variant).join("dit.safetensors");
     let checkpoint = Checkpoint::open(&path).unwrap();
     let mut dit = Flux2Dit::load(&checkpoint, None, dtype, &Device::Cpu).unwrap();
-    let network = LoraNetwork::new(
-        &dit.config,
-        network_config,
-        &mut SeededRng::new(1),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut up_rng = SeededRng::new(2);
-    for module in &network.modules {
-        module
-            .up
-            .set(&(random(module.up.dims(), &mut up_rng) * 0.1).unwrap())
-            .unwrap();
-    }
-    network.attach(&mut dit, 1.0).unwrap();
-    let parameters = network.parameters().into_iter().map(|(p, _)| p).collect();
+    let (network, parameters) = attach_seeded_lora(&mut dit, network_config);
     (dit, network, parameters)
 }
 

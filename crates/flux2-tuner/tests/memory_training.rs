@@ -24,7 +24,7 @@ use flux2_tuner::train::step::{training_step, training_step_with, StepBatch, Ste
 use flux2_tuner::util::rng::SeededRng;
 
 mod common;
-use common::random;
+use common::{attach_seeded_lora, random};
 
 /// The system allocator, counting the bytes held and the most held since the last reset.
 struct CountingAllocator;
@@ -71,24 +71,14 @@ fn model(variant: &str, dtype: DType, fp8: Fp8Mode) -> (Flux2Dit, LoraNetwork, V
     let path = golden().join(variant).join("dit.safetensors");
     let checkpoint = Checkpoint::open(&path).unwrap();
     let mut dit = Flux2Dit::load_with_fp8(&checkpoint, None, dtype, &Device::Cpu, fp8).unwrap();
-    let network = LoraNetwork::new(
-        &dit.config,
+    let (network, parameters) = attach_seeded_lora(
+        &mut dit,
         NetworkConfig {
             dim: 4,
             alpha: 4.0,
             ..NetworkConfig::default()
         },
-        &mut SeededRng::new(1),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut up_rng = SeededRng::new(2);
-    for module in &network.modules {
-        let up = (random(module.up.dims(), &mut up_rng) * 0.1).unwrap();
-        module.up.set(&up).unwrap();
-    }
-    network.attach(&mut dit, 1.0).unwrap();
-    let parameters = network.parameters().into_iter().map(|(p, _)| p).collect();
+    );
     (dit, network, parameters)
 }
 

@@ -10,7 +10,7 @@ use flux2_tuner::train::step::{training_step, StepBatch};
 use flux2_tuner::util::rng::SeededRng;
 
 mod common;
-use common::{attach_random_lora, config, max_abs, random, random_dit};
+use common::{attach_random_lora, attach_seeded_lora, config, max_abs, random, random_dit};
 
 #[test]
 fn gradient_checkpointing_gives_the_full_backward_gradients() {
@@ -63,22 +63,7 @@ fn bf16_training_step_matches_f32() {
     for dtype in [DType::F32, DType::BF16] {
         let mut dit =
             Flux2Dit::load(&Checkpoint::open(&path).unwrap(), None, dtype, &Device::Cpu).unwrap();
-        let network = LoraNetwork::new(
-            &dit.config,
-            NetworkConfig::default(),
-            &mut SeededRng::new(1),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let mut up_rng = SeededRng::new(2);
-        for module in &network.modules {
-            module
-                .up
-                .set(&(random(module.up.dims(), &mut up_rng) * 0.1).unwrap())
-                .unwrap();
-        }
-        network.attach(&mut dit, 1.0).unwrap();
-        let parameters: Vec<_> = network.parameters().into_iter().map(|(p, _)| p).collect();
+        let (_network, parameters) = attach_seeded_lora(&mut dit, NetworkConfig::default());
         for checkpointing in [false, true] {
             let batch = StepBatch {
                 latents: &latents,

@@ -15,20 +15,7 @@ use crate::nn::Linear;
 use crate::offload::block_swap::{BlockId, BlockKind, BlockSwap, BlockWeights, UploadedWeights};
 use crate::offload::split::SwapSplit;
 
-/// The Linear layers of a double block, in a fixed order.
-fn double_linears(block: &DoubleStreamBlock) -> [&Linear; 8] {
-    [
-        &block.img_attn.qkv,
-        &block.img_attn.proj,
-        &block.img_mlp.layer_0,
-        &block.img_mlp.layer_2,
-        &block.txt_attn.qkv,
-        &block.txt_attn.proj,
-        &block.txt_mlp.layer_0,
-        &block.txt_mlp.layer_2,
-    ]
-}
-
+/// The Linear layers of a double block, in the order of `DoubleStreamBlock::linears`.
 fn double_linears_mut(block: &mut DoubleStreamBlock) -> [&mut Linear; 8] {
     [
         &mut block.img_attn.qkv,
@@ -40,10 +27,6 @@ fn double_linears_mut(block: &mut DoubleStreamBlock) -> [&mut Linear; 8] {
         &mut block.txt_mlp.layer_0,
         &mut block.txt_mlp.layer_2,
     ]
-}
-
-fn single_linears(block: &SingleStreamBlock) -> [&Linear; 2] {
-    [&block.linear1, &block.linear2]
 }
 
 fn single_linears_mut(block: &mut SingleStreamBlock) -> [&mut Linear; 2] {
@@ -68,10 +51,10 @@ fn install<'a>(linears: impl IntoIterator<Item = &'a mut Linear>, weights: Block
 fn host_weights(dit: &Flux2Dit, id: BlockId) -> Result<BlockWeights> {
     let missing = || Error::BlockSwap(format!("{:?} block {} does not exist", id.kind, id.index));
     Ok(match id.kind {
-        BlockKind::Double => weights_of(double_linears(
+        BlockKind::Double => weights_of(DoubleStreamBlock::linears(
             dit.double_blocks.get(id.index).ok_or_else(missing)?,
         )),
-        BlockKind::Single => weights_of(single_linears(
+        BlockKind::Single => weights_of(SingleStreamBlock::linears(
             dit.single_blocks.get(id.index).ok_or_else(missing)?,
         )),
     })

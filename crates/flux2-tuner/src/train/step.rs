@@ -434,24 +434,8 @@ impl DropoutReplay {
     /// Finds the generator the network shares between the block adapters (none when no dropout
     /// is set).
     fn new(dit: &Flux2Dit) -> Self {
-        let doubles = dit.double_blocks.iter().flat_map(|block| {
-            [
-                &block.img_attn.qkv,
-                &block.img_attn.proj,
-                &block.img_mlp.layer_0,
-                &block.img_mlp.layer_2,
-                &block.txt_attn.qkv,
-                &block.txt_attn.proj,
-                &block.txt_mlp.layer_0,
-                &block.txt_mlp.layer_2,
-            ]
-        });
-        let singles = dit
-            .single_blocks
-            .iter()
-            .flat_map(|block| [&block.linear1, &block.linear2]);
-        let dropout = doubles
-            .chain(singles)
+        let dropout = dit
+            .block_linears()
             .flat_map(|linear| &linear.adapters)
             .find_map(|adapter| adapter.dropout.clone())
             .filter(|dropout| dropout.is_active());

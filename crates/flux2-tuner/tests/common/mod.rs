@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use flux2_tuner::checkpoint::Checkpoint;
 use flux2_tuner::models::dit::writer::write_random_dit;
 use flux2_tuner::models::dit::{DitConfig, Flux2Dit};
@@ -69,4 +69,22 @@ pub fn max_abs(tensor: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// A LoRA of `config` drawn with seed 1, its `up` matrices set to 0.1 times normal values of
+/// seed 2 (so that every gradient path carries signal), attached to `dit` at multiplier 1.
+/// Returns the network and its parameters in `LoraNetwork::parameters` order.
+pub fn attach_seeded_lora(dit: &mut Flux2Dit, config: NetworkConfig) -> (LoraNetwork, Vec<Var>) {
+    let network =
+        LoraNetwork::new(&dit.config, config, &mut SeededRng::new(1), &Device::Cpu).unwrap();
+    let mut up_rng = SeededRng::new(2);
+    for module in &network.modules {
+        module
+            .up
+            .set(&(random(module.up.dims(), &mut up_rng) * 0.1).unwrap())
+            .unwrap();
+    }
+    network.attach(dit, 1.0).unwrap();
+    let parameters = network.parameters().into_iter().map(|(p, _)| p).collect();
+    (network, parameters)
 }

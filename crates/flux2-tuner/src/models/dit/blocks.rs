@@ -209,6 +209,20 @@ impl DoubleStreamBlock {
         })
     }
 
+    /// The block's Linear layers in a fixed order (image stream, then text stream).
+    pub fn linears(&self) -> [&Linear; 8] {
+        [
+            &self.img_attn.qkv,
+            &self.img_attn.proj,
+            &self.img_mlp.layer_0,
+            &self.img_mlp.layer_2,
+            &self.txt_attn.qkv,
+            &self.txt_attn.proj,
+            &self.txt_mlp.layer_0,
+            &self.txt_mlp.layer_2,
+        ]
+    }
+
     /// # Shapes
     /// `img`: `[b, n, hidden]`, `txt`: `[b, l, hidden]`; `rope` covers `[txt; img]`.
     /// `img_mod` / `txt_mod` are the two triples of the shared double-stream modulations.
@@ -277,6 +291,11 @@ impl SingleStreamBlock {
             num_heads,
             hidden_size,
         })
+    }
+
+    /// The block's Linear layers.
+    pub fn linears(&self) -> [&Linear; 2] {
+        [&self.linear1, &self.linear2]
     }
 
     /// # Shapes

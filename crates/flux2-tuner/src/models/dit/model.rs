@@ -386,6 +386,13 @@ impl Flux2Dit {
         tensors
     }
 
+    /// The Linear layers of every block (the ones LoRA targets), double blocks first.
+    pub fn block_linears(&self) -> impl Iterator<Item = &Linear> {
+        let doubles = self.double_blocks.iter().flat_map(|block| block.linears());
+        let singles = self.single_blocks.iter().flat_map(|block| block.linears());
+        doubles.chain(singles)
+    }
+
     /// Every linear layer with its BFL module path (`double_blocks.0.img_attn.qkv`, ...), for
     /// attaching or merging LoRA adapters.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {

@@ -193,6 +193,61 @@ pub(super) fn forward_f32(
     logsumexp
 }
 
+/// One head's output gradient gathered to `[L, d]`, and `delta = rowsum(dO * O)` per query row.
+pub(super) fn head_gradient_and_delta(
+    shape: AttentionShape,
+    pair: usize,
+    out: &[f32],
+    d_out: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (sample, head) = (pair / shape.heads, pair % shape.heads);
+    let head_dim = shape.head_dim;
+    let mut d_head = vec![0f32; shape.head()];
+    let mut delta = vec![0f32; shape.length];
+    for token in 0..shape.length {
+        let at = shape.out_offset(sample, head, token);
+        let (d, o) = (&d_out[at..at + head_dim], &out[at..at + head_dim]);
+        d_head[token * head_dim..(token + 1) * head_dim].copy_from_slice(d);
+        delta[token] = d.iter().zip(o).map(|(a, b)| a * b).sum();
+    }
+    (d_head, delta)
+}
+
+/// Turns raw scores `[rows, L]` into the probabilities `exp(s * scale - lse)`.
+pub(super) fn probabilities_in_place(
+    scores: &mut [f32],
+    length: usize,
+    logsumexp: &[f32],
+    scale: f32,
+) {
+    vectorised(|| {
+        for (row, &l) in scores.chunks_exact_mut(length).zip(logsumexp) {
+            for value in row.iter_mut() {
+                *value = exp(*value * scale - l);
+            }
+        }
+    });
+}
+
+/// Turns `dP` `[rows, L]` into the score gradient `P (dP - delta)` (without the scale).
+pub(super) fn score_gradient_in_place(
+    probability_grad: &mut [f32],
+    probabilities: &[f32],
+    length: usize,
+    delta: &[f32],
+) {
+    vectorised(|| {
+        let rows = probability_grad
+            .chunks_exact_mut(length)
+            .zip(probabilities.chunks_exact(length));
+        for ((g_row, p_row), &d) in rows.zip(delta) {
+            for (g, &p) in g_row.iter_mut().zip(p_row) {
+                *g = p * (*g - d);
+            }
+        }
+    });
+}
+
 /// The gradients `(dq, dk, dv)`, each `[b, heads, L, d]`, from the output gradient `d_out`
 /// (token-major, `out_stride`) and the forward's output `out` (same layout) and logsumexp.
 /// Per block of query rows, with `P = exp(s q k^T - lse)` and `delta = rowsum(dO * O)`:
@@ -218,22 +273,14 @@ pub(super) fn backward_f32(
         .zip(dv.par_chunks_mut(shape.head()))
         .enumerate()
         .for_each(|(pair, ((dq_head, dk_head), dv_head))| {
-            let (sample, head) = (pair / shape.heads, pair % shape.heads);
             let head_range = pair * shape.head()..(pair + 1) * shape.head();
             let (q_head, k_head, v_head) = (
                 &q[head_range.clone()],
                 &k[head_range.clone()],
                 &v[head_range],
             );
-            // This head's output gradient, gathered `[L, d]` (rounded for bf16 products).
-            let mut d_head = vec![0f32; shape.head()];
-            let mut delta = vec![0f32; length];
-            for token in 0..length {
-                let at = shape.out_offset(sample, head, token);
-                let (d, o) = (&d_out[at..at + head_dim], &out[at..at + head_dim]);
-                d_head[token * head_dim..(token + 1) * head_dim].copy_from_slice(d);
-                delta[token] = d.iter().zip(o).map(|(a, b)| a * b).sum();
-            }
+            // This head's output gradient, gathered `[L, d]`, and rowsum(dO * O).
+            let (mut d_head, delta) = head_gradient_and_delta(shape, pair, out, d_out);
             if shape.round_products {
                 round_in_place(&mut d_head);
             }
@@ -263,13 +310,7 @@ pub(super) fn backward_f32(
                     false,
                 );
                 let lse = &logsumexp[pair * length + first..pair * length + first + rows];
-                vectorised(|| {
-                    for (row, &l) in probabilities.chunks_exact_mut(length).zip(lse) {
-                        for value in row.iter_mut() {
-                            *value = exp(*value * scale - l);
-                        }
-                    }
-                });
+                probabilities_in_place(probabilities, length, lse, scale);
                 let p_for_products: &[f32] = if shape.round_products {
                     let rounded = &mut rounded[..rows * length];
                     rounded.copy_from_slice(probabilities);
@@ -294,16 +335,12 @@ pub(super) fn backward_f32(
                     1.0,
                     false,
                 );
-                vectorised(|| {
-                    let rows_iter = score_grad
-                        .chunks_exact_mut(length)
-                        .zip(probabilities.chunks_exact(length));
-                    for ((g_row, p_row), &d) in rows_iter.zip(&delta[first..first + rows]) {
-                        for (g, &p) in g_row.iter_mut().zip(p_row) {
-                            *g = p * (*g - d);
-                        }
-                    }
-                });
+                score_gradient_in_place(
+                    score_grad,
+                    probabilities,
+                    length,
+                    &delta[first..first + rows],
+                );
                 if shape.round_products {
                     round_in_place(score_grad);
                 }

@@ -7,12 +7,14 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::attention::{exp_in_place, row_max, AttentionShape, BLOCK_ROWS};
+use super::attention::{
+    exp_in_place, head_gradient_and_delta, probabilities_in_place, row_max,
+    score_gradient_in_place, AttentionShape, BLOCK_ROWS,
+};
 use super::matrix::to_bf16;
 use crate::nn::amx::{self, PackedB};
 use crate::nn::fused::round_to_bf16;
 use crate::nn::host::{vectorised, SharedOutput};
-use crate::nn::softmax::exp;
 
 /// `out = a B` (`a` `[rows, k]` bf16) through AMX; `out` `[rows, n]` is overwritten.
 fn product(a: &[bf16], rows: usize, k: usize, b: &PackedB, n: usize, out: &mut [f32]) {
@@ -155,7 +157,6 @@ pub(super) fn backward(
         .zip(dv.par_chunks_mut(head))
         .enumerate()
         .for_each(|(pair, ((dq_head, dk_head), dv_head))| {
-            let (sample, head_index) = (pair / shape.heads, pair % shape.heads);
             let range = pair * head..(pair + 1) * head;
             let (q16, k16, v16) = (
                 to_bf16(&q[range.clone()]),
@@ -165,14 +166,8 @@ pub(super) fn backward(
             let keys_transposed = PackedB::new(&k16, head_dim, length, 1, head_dim);
             let keys = PackedB::new(&k16, length, head_dim, head_dim, 1);
             let values_transposed = PackedB::new(&v16, head_dim, length, 1, head_dim);
-            let mut d_head = vec![0f32; head];
-            let mut delta = vec![0f32; length];
-            for token in 0..length {
-                let at = (sample * length + token) * shape.out_stride + head_index * head_dim;
-                let (d, o) = (&d_out[at..at + head_dim], &out[at..at + head_dim]);
-                d_head[token * head_dim..(token + 1) * head_dim].copy_from_slice(d);
-                delta[token] = d.iter().zip(o).map(|(a, b)| a * b).sum();
-            }
+            // This head's output gradient, gathered `[L, d]`, and rowsum(dO * O).
+            let (d_head, delta) = head_gradient_and_delta(shape, pair, out, d_out);
             let d16 = to_bf16(&d_head);
             let mut probabilities = vec![0f32; BLOCK_ROWS * length];
             let mut score_grad = vec![0f32; BLOCK_ROWS * length];
@@ -194,13 +189,7 @@ pub(super) fn backward(
                     probabilities,
                 );
                 let lse = &logsumexp[pair * length + first..pair * length + first + rows];
-                vectorised(|| {
-                    for (row, &l) in probabilities.chunks_exact_mut(length).zip(lse) {
-                        for value in row.iter_mut() {
-                            *value = exp(*value * scale - l);
-                        }
-                    }
-                });
+                probabilities_in_place(probabilities, length, lse, scale);
                 // dV += P^T dO
                 let p_transposed = transposed_bf16(probabilities, rows, length);
                 let d_packed = PackedB::new(d_block, rows, head_dim, head_dim, 1);
@@ -227,16 +216,12 @@ pub(super) fn backward(
                     length,
                     score_grad,
                 );
-                vectorised(|| {
-                    let rows_iter = score_grad
-                        .chunks_exact_mut(length)
-                        .zip(probabilities.chunks_exact(length));
-                    for ((g_row, p_row), &d) in rows_iter.zip(&delta[first..first + rows]) {
-                        for (g, &p) in g_row.iter_mut().zip(p_row) {
-                            *g = p * (*g - d);
-                        }
-                    }
-                });
+                score_gradient_in_place(
+                    score_grad,
+                    probabilities,
+                    length,
+                    &delta[first..first + rows],
+                );
                 // dQ = s dS K
                 let score_grad16 = to_bf16(score_grad);
                 let query_part = &mut query_part[..rows * head_dim];

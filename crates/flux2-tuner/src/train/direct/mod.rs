@@ -49,24 +49,8 @@ pub fn applies(dit: &Flux2Dit) -> bool {
     }
     let on_cpu = dit.img_in.weight.device().is_cpu();
     let dtype = matches!(dit.dtype, DType::F32 | DType::BF16);
-    let doubles = dit.double_blocks.iter().flat_map(|block| {
-        [
-            &block.img_attn.qkv,
-            &block.img_attn.proj,
-            &block.img_mlp.layer_0,
-            &block.img_mlp.layer_2,
-            &block.txt_attn.qkv,
-            &block.txt_attn.proj,
-            &block.txt_mlp.layer_0,
-            &block.txt_mlp.layer_2,
-        ]
-    });
-    let singles = dit
-        .single_blocks
-        .iter()
-        .flat_map(|block| [&block.linear1, &block.linear2]);
-    let no_dropout = doubles
-        .chain(singles)
+    let no_dropout = dit
+        .block_linears()
         .flat_map(|linear| &linear.adapters)
         .all(|adapter| adapter.dropout.as_ref().is_none_or(|d| !d.is_active()));
     on_cpu && dtype && no_dropout

@@ -10,6 +10,20 @@ use crate::nn::host::vectorised;
 /// Rows per parallel task: enough work per task to amortise the pool's overhead.
 const ROWS_PER_TASK: usize = 16;
 
+/// Calls `f(row, out_row)` for every `channels`-wide row of `out`, in parallel blocks of rows,
+/// compiled for the CPU's vector width.
+fn for_each_row(out: &mut [f32], channels: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    out.par_chunks_mut(channels * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, out_rows)| {
+            vectorised(|| {
+                for (index, out_row) in out_rows.chunks_exact_mut(channels).enumerate() {
+                    f(task * ROWS_PER_TASK + index, out_row);
+                }
+            })
+        });
+}
+
 /// Layer-norm statistics of one row: mean and `1 / sqrt(variance + eps)`.
 #[derive(Clone, Copy, Default)]
 pub(super) struct RowStatistics {
@@ -116,22 +130,15 @@ pub(super) fn gated_add(
     rows_per_sample: usize,
 ) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(channels * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(task, out_rows)| {
-            vectorised(|| {
-                for (index, out_row) in out_rows.chunks_exact_mut(channels).enumerate() {
-                    let row = task * ROWS_PER_TASK + index;
-                    let sample = row / rows_per_sample;
-                    let gate = &gate[sample * channels..(sample + 1) * channels];
-                    let range = row * channels..(row + 1) * channels;
-                    let (a, b) = (&x[range.clone()], &y[range]);
-                    for c in 0..channels {
-                        out_row[c] = a[c] + gate[c] * b[c];
-                    }
-                }
-            })
-        });
+    for_each_row(&mut out, channels, |row, out_row| {
+        let sample = row / rows_per_sample;
+        let gate = &gate[sample * channels..(sample + 1) * channels];
+        let range = row * channels..(row + 1) * channels;
+        let (a, b) = (&x[range.clone()], &y[range]);
+        for c in 0..channels {
+            out_row[c] = a[c] + gate[c] * b[c];
+        }
+    });
     out
 }
 
@@ -143,21 +150,14 @@ pub(super) fn gated(
     rows_per_sample: usize,
 ) -> Vec<f32> {
     let mut out = vec![0f32; d_out.len()];
-    out.par_chunks_mut(channels * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(task, out_rows)| {
-            vectorised(|| {
-                for (index, out_row) in out_rows.chunks_exact_mut(channels).enumerate() {
-                    let row = task * ROWS_PER_TASK + index;
-                    let sample = row / rows_per_sample;
-                    let gate = &gate[sample * channels..(sample + 1) * channels];
-                    let d = &d_out[row * channels..(row + 1) * channels];
-                    for c in 0..channels {
-                        out_row[c] = gate[c] * d[c];
-                    }
-                }
-            })
-        });
+    for_each_row(&mut out, channels, |row, out_row| {
+        let sample = row / rows_per_sample;
+        let gate = &gate[sample * channels..(sample + 1) * channels];
+        let d = &d_out[row * channels..(row + 1) * channels];
+        for c in 0..channels {
+            out_row[c] = gate[c] * d[c];
+        }
+    });
     out
 }
 
