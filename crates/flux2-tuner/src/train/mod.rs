@@ -4,6 +4,7 @@ pub mod base_weights;
 pub mod caption_dropout;
 pub mod data;
 pub mod direct;
+mod dropout_replay;
 pub mod log;
 pub mod lr_schedule;
 pub mod masked_loss;

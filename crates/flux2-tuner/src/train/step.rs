@@ -12,6 +12,7 @@ use crate::models::dit::{DitInput, Flux2Dit};
 use crate::nn::grad_mode::GradGuard;
 use crate::nn::trainable::{checkpointed_in, ActivationStore};
 use crate::train::direct;
+use crate::train::dropout_replay::DropoutReplay;
 use crate::train::masked_loss::apply_loss_mask;
 
 /// One batch of a step.
@@ -418,56 +419,4 @@ fn checkpointed_backward(
     }
     replay.restore(after_forward);
     Ok(loss.to_scalar::<f32>()?)
-}
-
-// --- LoRA dropout replay for the block-wise backward ---
-
-/// The LoRA dropout generator states at the start of each block's forward, so that the block's
-/// recompute in the backward draws the same masks (its gradients then belong to the forward that
-/// gave the loss). Only block linears carry LoRA (`NetworkConfig::targets`).
-struct DropoutReplay {
-    dropout: Option<std::sync::Arc<crate::nn::lora_dropout::LoraDropout>>,
-    states: Vec<(u64, Option<f64>)>,
-}
-
-impl DropoutReplay {
-    /// Finds the generator the network shares between the block adapters (none when no dropout
-    /// is set).
-    fn new(dit: &Flux2Dit) -> Self {
-        let dropout = dit
-            .block_linears()
-            .flat_map(|linear| &linear.adapters)
-            .find_map(|adapter| adapter.dropout.clone())
-            .filter(|dropout| dropout.is_active());
-        Self {
-            dropout,
-            states: Vec::new(),
-        }
-    }
-
-    fn state(&self) -> Option<(u64, Option<f64>)> {
-        self.dropout.as_ref().map(|dropout| dropout.rng_state())
-    }
-
-    /// Before a block's forward.
-    fn record(&mut self) {
-        if let Some(state) = self.state() {
-            self.states.push(state);
-        }
-    }
-
-    /// Before the recompute of the last recorded block not yet replayed (blocks run backwards).
-    fn replay_last(&mut self) {
-        if let (Some(dropout), Some(state)) = (&self.dropout, self.states.pop()) {
-            dropout.set_rng_state(state);
-        }
-    }
-
-    /// After the backward: the state the forward ended in, as after a full backward (which draws
-    /// nothing), so a resumed run stays exact.
-    fn restore(&self, state: Option<(u64, Option<f64>)>) {
-        if let (Some(dropout), Some(state)) = (&self.dropout, state) {
-            dropout.set_rng_state(state);
-        }
-    }
 }

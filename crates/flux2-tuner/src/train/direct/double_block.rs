@@ -101,8 +101,13 @@ pub(super) fn forward(
             &modulation.scale,
             NORM_EPS,
         );
-        let (qkv, qkv_saved) =
-            linear::forward(&inputs.attention.qkv, gradients, &modulated_0, rows)?;
+        let (qkv, qkv_saved) = linear::forward(
+            &inputs.attention.qkv,
+            gradients,
+            &modulated_0,
+            rows,
+            context.batch,
+        )?;
         let scales = norm_scales(&inputs.attention.norm)?;
         context
             .qk_norm_rope(inputs.stream, 3 * hidden, &scales)
@@ -127,8 +132,13 @@ pub(super) fn forward(
         let rows = context.batch * length;
         let [attention_mod, mlp_mod] = inputs.modulation;
         let attended = context.gather(inputs.stream, &out, hidden);
-        let (projected, proj_saved) =
-            linear::forward(&inputs.attention.proj, gradients, &attended, rows)?;
+        let (projected, proj_saved) = linear::forward(
+            &inputs.attention.proj,
+            gradients,
+            &attended,
+            rows,
+            context.batch,
+        )?;
         let x1 = gated_add(&x, &attention_mod.gate, &projected, hidden, length);
         let (modulated_1, statistics_1) = modulate_forward(
             &x1,
@@ -138,8 +148,13 @@ pub(super) fn forward(
             &mlp_mod.scale,
             NORM_EPS,
         );
-        let (mlp_in, mlp_0_saved) =
-            linear::forward(&inputs.mlp.layer_0, gradients, &modulated_1, rows)?;
+        let (mlp_in, mlp_0_saved) = linear::forward(
+            &inputs.mlp.layer_0,
+            gradients,
+            &modulated_1,
+            rows,
+            context.batch,
+        )?;
         let width = mlp_in.len() / rows.max(1) / 2;
         let mut activated = vec![0f32; rows * width];
         swiglu_forward(
@@ -153,8 +168,13 @@ pub(super) fn forward(
             width,
             0,
         );
-        let (mlp_out, mlp_2_saved) =
-            linear::forward(&inputs.mlp.layer_2, gradients, &activated, rows)?;
+        let (mlp_out, mlp_2_saved) = linear::forward(
+            &inputs.mlp.layer_2,
+            gradients,
+            &activated,
+            rows,
+            context.batch,
+        )?;
         outputs.push(gated_add(&x1, &mlp_mod.gate, &mlp_out, hidden, length));
         tapes.push(StreamTape {
             x,

@@ -2,13 +2,21 @@
 //! U^T` forward, and backward `dx = dy W + sum scale (dy U) D` with the adapter gradients
 //! `dU += scale dy^T (x D^T)`, `dD += scale (dy U)^T x`. The base weight `W` is frozen: nothing
 //! weight-sized is computed for it.
+//!
+//! LoRA dropout (`nn::lora_dropout`, as the autograd path's `nn::Linear::forward`, drawing from
+//! the same generator in the same order): a skipped module adds nothing; network and rank
+//! dropout multiply `x D^T` by a mask `M` (kept entries `1 / (1 - p)` for network dropout) and
+//! the scale by `1 / (1 - p_rank)`; the backward then uses `(x D^T) M` and `(dy U) M`.
 
 use std::collections::HashMap;
 
-use candle_core::{CpuStorage, DType, Storage, TensorId, Var};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, DType, Device, Storage, TensorId, Var};
 
 use super::matrix::{multiply, FrozenWeight, Matrix};
 use crate::error::{Error, Result};
+use crate::nn::lora_dropout::LoraDropout;
 use crate::nn::Linear;
 
 /// Where each trained parameter's gradient goes, by the id of its tensor.
@@ -55,6 +63,8 @@ struct Adapter {
     /// Gradient slots of `down` and `up` (untrained adapters have none).
     down_slot: Option<usize>,
     up_slot: Option<usize>,
+    /// Dropouts to draw while training (active ones only).
+    dropout: Option<Arc<LoraDropout>>,
 }
 
 fn values(tensor: &candle_core::Tensor) -> Result<Vec<f32>> {
@@ -73,6 +83,7 @@ fn adapters(linear: &Linear, gradients: &Gradients) -> Result<Vec<Adapter>> {
                 scale: adapter.scale as f32,
                 down_slot: gradients.slot(adapter.down.id()),
                 up_slot: gradients.slot(adapter.up.id()),
+                dropout: adapter.dropout.clone().filter(|d| d.is_active()),
             })
         })
         .collect()
@@ -108,26 +119,79 @@ fn with_weight<R>(linear: &Linear, f: impl FnOnce(FrozenWeight) -> R) -> Result<
     }
 }
 
-/// What a linear's forward keeps for its backward besides its input: `x D^T` per adapter.
-pub(super) struct LinearSaved {
-    hidden: Vec<Vec<f32>>,
+/// What one adapter's forward keeps: `h = (x D^T) M`, the dropout mask `M` (none without
+/// network or rank dropout) and the scale it was applied with. A skipped module keeps nothing.
+struct AdapterSaved {
+    hidden: Vec<f32>,
+    mask: Option<Vec<f32>>,
+    scale: f32,
 }
 
-/// `y = x W^T (+ LoRA)` for `x` `[rows, in]`; returns `y` `[rows, out]` and what the backward
-/// needs.
+/// What a linear's forward keeps for its backward besides its input.
+pub(super) struct LinearSaved {
+    adapters: Vec<Option<AdapterSaved>>,
+}
+
+/// Draws the dropout of `h` `[rows, rank]` (`batch` samples) as `LoraDropout::apply` does:
+/// network mask, then one rank mask per sample. Returns the combined mask (if any) and the scale
+/// factor.
+fn dropout_mask(
+    dropout: &LoraDropout,
+    rows: usize,
+    rank: usize,
+    batch: usize,
+) -> Result<(Option<Vec<f32>>, f32)> {
+    let mut mask: Option<Vec<f32>> = None;
+    if let Some(p) = dropout.network {
+        let drawn = values(&dropout.mask(rows, rank, p, &Device::Cpu)?)?;
+        let keep = 1.0 / (1.0 - p) as f32;
+        mask = Some(drawn.into_iter().map(|m| m * keep).collect());
+    }
+    let mut factor = 1.0;
+    if let Some(p) = dropout.rank {
+        let per_sample = values(&dropout.mask(batch, rank, p, &Device::Cpu)?)?;
+        let length = rows / batch.max(1);
+        let combined = mask.get_or_insert_with(|| vec![1.0; rows * rank]);
+        for (row, values) in combined.chunks_exact_mut(rank).enumerate() {
+            let sample = (row / length.max(1)).min(batch.saturating_sub(1));
+            for (value, keep) in values
+                .iter_mut()
+                .zip(&per_sample[sample * rank..(sample + 1) * rank])
+            {
+                *value *= keep;
+            }
+        }
+        factor = 1.0 / (1.0 - p) as f32;
+    }
+    Ok((mask, factor))
+}
+
+fn apply_mask(values: &mut [f32], mask: Option<&Vec<f32>>) {
+    if let Some(mask) = mask {
+        values.iter_mut().zip(mask).for_each(|(v, m)| *v *= m);
+    }
+}
+
+/// `y = x W^T (+ LoRA)` for `x` `[rows, in]` (`batch` samples, for rank dropout); returns `y`
+/// `[rows, out]` and what the backward needs.
 pub(super) fn forward(
     linear: &Linear,
     gradients: &Gradients,
     x: &[f32],
     rows: usize,
+    batch: usize,
 ) -> Result<(Vec<f32>, LinearSaved)> {
     let (in_features, out_features) = (linear.in_features(), linear.out_features());
     let mut y = vec![0f32; rows * out_features];
     with_weight(linear, |weight| {
         weight.forward(x, rows, in_features, &mut y)
     })?;
-    let mut hidden = Vec::with_capacity(linear.adapters.len());
+    let mut saved = Vec::with_capacity(linear.adapters.len());
     for adapter in adapters(linear, gradients)? {
+        if adapter.dropout.as_ref().is_some_and(|d| d.skip_module()) {
+            saved.push(None);
+            continue;
+        }
         let mut h = vec![0f32; rows * adapter.rank];
         let x_matrix = Matrix::rows(x, rows, in_features);
         multiply(
@@ -138,17 +202,27 @@ pub(super) fn forward(
             1.0,
             false,
         );
+        let (mask, factor) = match &adapter.dropout {
+            Some(dropout) => dropout_mask(dropout, rows, adapter.rank, batch)?,
+            None => (None, 1.0),
+        };
+        apply_mask(&mut h, mask.as_ref());
+        let scale = adapter.scale * factor;
         multiply(
             &mut y,
             out_features,
             Matrix::rows(&h, rows, adapter.rank),
             Matrix::rows(&adapter.up, out_features, adapter.rank).t(),
-            adapter.scale,
+            scale,
             true,
         );
-        hidden.push(h);
+        saved.push(Some(AdapterSaved {
+            hidden: h,
+            mask,
+            scale,
+        }));
     }
-    Ok((y, LinearSaved { hidden }))
+    Ok((y, LinearSaved { adapters: saved }))
 }
 
 /// Adds the adapters' gradients to `gradients` and, when `dx` is given, writes (or with
@@ -174,9 +248,12 @@ pub(super) fn backward(
             weight.backward(dy, rows, out_features, dx, accumulate)
         })?;
     }
-    for (adapter, h) in adapters.iter().zip(&saved.hidden) {
-        let rank = adapter.rank;
-        // `dy U`, `[rows, rank]`.
+    for (adapter, kept) in adapters.iter().zip(&saved.adapters) {
+        let Some(kept) = kept else {
+            continue;
+        };
+        let (rank, scale) = (adapter.rank, kept.scale);
+        // `(dy U) M`, `[rows, rank]`.
         let mut g = vec![0f32; rows * rank];
         multiply(
             &mut g,
@@ -186,6 +263,7 @@ pub(super) fn backward(
             1.0,
             false,
         );
+        apply_mask(&mut g, kept.mask.as_ref());
         let g_matrix = Matrix::rows(&g, rows, rank);
         if let Some(slot) = adapter.up_slot {
             let d_up = gradients.buffer(slot, out_features * rank);
@@ -193,21 +271,14 @@ pub(super) fn backward(
                 d_up,
                 rank,
                 dy_matrix.t(),
-                Matrix::rows(h, rows, rank),
-                adapter.scale,
+                Matrix::rows(&kept.hidden, rows, rank),
+                scale,
                 true,
             );
         }
         if let Some(slot) = adapter.down_slot {
             let d_down = gradients.buffer(slot, rank * in_features);
-            multiply(
-                d_down,
-                in_features,
-                g_matrix.t(),
-                x_matrix,
-                adapter.scale,
-                true,
-            );
+            multiply(d_down, in_features, g_matrix.t(), x_matrix, scale, true);
         }
         if let Some(dx) = dx.as_deref_mut() {
             multiply(
@@ -215,7 +286,7 @@ pub(super) fn backward(
                 in_features,
                 g_matrix,
                 Matrix::rows(&adapter.down, rank, in_features),
-                adapter.scale,
+                scale,
                 true,
             );
         }

@@ -17,8 +17,11 @@
 //! recomputes the block's tape in the backward. Block swap works unchanged: blocks are fetched
 //! through `Flux2Dit::double_block` / `single_block` in forward and backward order.
 //!
-//! It applies on the CPU without active LoRA dropout (see [`applies`]); elsewhere the autograd
-//! path runs. `FLUX2_AUTOGRAD_BACKWARD=1` forces the autograd path (for comparisons).
+//! LoRA dropout draws its masks from the network's generator in the autograd path's order; with
+//! checkpointing each recomputed block replays its forward's draws (`DropoutReplay`).
+//!
+//! It applies on the CPU (see [`applies`]); elsewhere the autograd path runs.
+//! `FLUX2_AUTOGRAD_BACKWARD=1` forces the autograd path (for comparisons).
 
 mod attention;
 mod attention_amx;
@@ -36,24 +39,18 @@ use crate::error::Result;
 use crate::models::dit::model::Prepared;
 use crate::models::dit::Flux2Dit;
 use crate::nn::trainable::{ActivationStore, Stored};
+use crate::train::dropout_replay::DropoutReplay;
 use context::{values, StepContext};
 use double_block::DoubleTape;
 use linear::Gradients;
 use single_block::SingleTape;
 
-/// Whether the direct backward runs this model's step: CPU weights in f32 or bf16, and no LoRA
-/// dropout drawing masks (those stay with the autograd path, which replays them).
+/// Whether the direct backward runs this model's step: CPU weights in f32 or bf16.
 pub fn applies(dit: &Flux2Dit) -> bool {
     if std::env::var_os("FLUX2_AUTOGRAD_BACKWARD").is_some() {
         return false;
     }
-    let on_cpu = dit.img_in.weight.device().is_cpu();
-    let dtype = matches!(dit.dtype, DType::F32 | DType::BF16);
-    let no_dropout = dit
-        .block_linears()
-        .flat_map(|linear| &linear.adapters)
-        .all(|adapter| adapter.dropout.as_ref().is_none_or(|d| !d.is_active()));
-    on_cpu && dtype && no_dropout
+    dit.img_in.weight.device().is_cpu() && matches!(dit.dtype, DType::F32 | DType::BF16)
 }
 
 /// A block's tape, or only its stored inputs under gradient checkpointing.
@@ -92,8 +89,11 @@ pub fn forward_backward(
     let mut gradients = Gradients::new(parameters);
     let (mut img, mut txt) = (values(&prepared.img)?, values(&prepared.txt)?);
 
+    // With checkpointing, each block's recompute draws the dropout masks of its forward.
+    let mut replay = DropoutReplay::new(dit);
     let mut doubles: Vec<Kept<DoubleTape>> = Vec::with_capacity(dit.double_blocks.len());
     for index in 0..dit.double_blocks.len() {
+        replay.record();
         let block = dit.double_block(index)?;
         let kept_inputs = if checkpointing {
             Some(vec![
@@ -118,6 +118,7 @@ pub fn forward_backward(
 
     let mut singles: Vec<Kept<SingleTape>> = Vec::with_capacity(dit.single_blocks.len());
     for index in 0..dit.single_blocks.len() {
+        replay.record();
         let block = dit.single_block(index)?;
         let kept_inputs = if checkpointing {
             Some(vec![store_rows(store, &joint, hidden)?])
@@ -134,6 +135,7 @@ pub fn forward_backward(
 
     let shape = (context.batch, context.joint_length(), hidden);
     let joint_var = Var::from_tensor(&Tensor::from_vec(joint, shape, &Device::Cpu)?)?;
+    let after_forward = replay.state();
     let loss = tail(joint_var.as_tensor())?;
     let loss_value = loss.to_scalar::<f32>()?;
     let tail_gradients = loss.backward()?;
@@ -143,6 +145,7 @@ pub fn forward_backward(
     };
 
     for (index, kept) in singles.into_iter().enumerate().rev() {
+        replay.replay_last();
         let block = dit.single_block(index)?;
         let tape = match kept {
             Kept::Tape(tape) => tape,
@@ -157,6 +160,7 @@ pub fn forward_backward(
     let mut d_txt = context.gather(context.text, &d_joint, hidden);
     drop(d_joint);
     for (index, kept) in doubles.into_iter().enumerate().rev() {
+        replay.replay_last();
         let block = dit.double_block(index)?;
         let tape = match kept {
             Kept::Tape(tape) => tape,
@@ -180,6 +184,7 @@ pub fn forward_backward(
         }
     }
 
+    replay.restore(after_forward);
     let gradients = gradients
         .into_values()
         .into_iter()

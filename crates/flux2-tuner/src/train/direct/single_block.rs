@@ -71,7 +71,8 @@ pub(super) fn forward(
         &modulation.scale,
         NORM_EPS,
     );
-    let (projected, linear1_saved) = linear::forward(&block.linear1, gradients, &modulated, rows)?;
+    let (projected, linear1_saved) =
+        linear::forward(&block.linear1, gradients, &modulated, rows, context.batch)?;
     let widths = widths(context, block.linear1.out_features());
     let scales = norm_scales(&block.norm)?;
     let size = context.batch * context.heads * length * context.head_dim;
@@ -94,7 +95,8 @@ pub(super) fn forward(
         widths.joined,
         hidden,
     );
-    let (out, linear2_saved) = linear::forward(&block.linear2, gradients, &joined, rows)?;
+    let (out, linear2_saved) =
+        linear::forward(&block.linear2, gradients, &joined, rows, context.batch)?;
     let y = gated_add(&x, &modulation.gate, &out, hidden, length);
     Ok((
         y,
