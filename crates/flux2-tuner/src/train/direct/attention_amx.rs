@@ -22,13 +22,29 @@ fn product(a: &[bf16], rows: usize, k: usize, b: &PackedB, n: usize, out: &mut [
     debug_assert!(done, "AMX was checked to be available");
 }
 
-/// `values` `[rows, columns]` transposed into bf16 `[columns, rows]`.
+/// `values` `[rows, columns]` transposed into bf16 `[columns, rows]`, in 32 x 32 tiles so that
+/// the strided writes stay within a few cache lines (a plain column scatter took as long as the
+/// products).
 fn transposed_bf16(values: &[f32], rows: usize, columns: usize) -> Vec<bf16> {
+    const TILE: usize = 32;
     let mut out = vec![bf16::ZERO; rows * columns];
     vectorised(|| {
-        for (r, row) in values.chunks_exact(columns).take(rows).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                out[c * rows + r] = round_to_bf16(v);
+        for row_start in (0..rows).step_by(TILE) {
+            let row_end = (row_start + TILE).min(rows);
+            for column_start in (0..columns).step_by(TILE) {
+                let column_end = (column_start + TILE).min(columns);
+                // Rows are read whole into a transposed tile held in L1, then written whole.
+                let mut tile = [[bf16::ZERO; TILE]; TILE];
+                for r in row_start..row_end {
+                    let row = &values[r * columns + column_start..r * columns + column_end];
+                    for (c, &v) in row.iter().enumerate() {
+                        tile[c][r - row_start] = round_to_bf16(v);
+                    }
+                }
+                for (c, tile_row) in (column_start..column_end).zip(tile.iter()) {
+                    out[c * rows + row_start..c * rows + row_end]
+                        .copy_from_slice(&tile_row[..row_end - row_start]);
+                }
             }
         }
     });
