@@ -10,12 +10,13 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::nn::amx::{self, PackedB, Tiles, BLOCK_ROWS};
+use std::cell::RefCell;
+
+use crate::nn::amx::{self, PackedB, ResultBlock, Tiles, BLOCK_COLUMNS, BLOCK_ROWS};
+use crate::nn::amx_layout::{pack_rows, row_block_words, AlignedWords};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::{
-    is_plain_cpu, vectorised, with_bf16_scratch, with_data, with_f32_scratch, SharedOutput,
-};
-use crate::nn::softmax::{softmax_in_place, softmax_row};
+use crate::nn::host::{is_plain_cpu, vectorised, with_data, with_f32_scratch, SharedOutput};
+use crate::nn::softmax::{exp, softmax_in_place};
 
 /// Largest number of score elements (`batch * heads * query_rows * keys`) computed at once on the
 /// candle path.
@@ -194,8 +195,13 @@ fn with_qkv<R>(
     })
 }
 
-/// bf16 attention on AMX tiles: scores in f32, softmax in f32 rounded once to bf16 (as the op
-/// path), the value product accumulated in f32 and rounded once.
+/// bf16 attention on AMX tiles: scores in f32, `exp` in f32 rounded once to bf16, the value
+/// product accumulated in f32, divided by the row sum and rounded once (the order of flash
+/// attention kernels: unnormalised weights, one division per output).
+///
+/// Per head and block of 32 queries: `q k^T` block by block (keeping each row's maximum), one
+/// pass writing the rounded `exp` straight into the tile layout of the value product's left
+/// operand, and the value product written into the `[b, l, heads * d]` output.
 fn fused_bf16(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let shapes = Shapes::of(q, k, v)?;
     let Shapes {
@@ -225,67 +231,39 @@ fn fused_bf16(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         (0..pairs * shapes.query_blocks())
             .into_par_iter()
             .for_each(|task| {
-                vectorised(|| {
-                    let (bh, block) = (task / shapes.query_blocks(), task % shapes.query_blocks());
-                    let (packed_k, packed_v) = &packed[bh];
-                    let Some(tiles) = Tiles::configure() else {
-                        return;
-                    };
-                    let first = block * BLOCK_ROWS;
-                    let rows = (queries - first).min(BLOCK_ROWS);
-                    let q_rows = &qs[(bh * queries + first) * head_dim..];
-                    let depth = packed_k.padded_depth();
-                    let padded;
-                    let (a, lda) = if rows == BLOCK_ROWS && depth == head_dim {
-                        (q_rows, head_dim)
-                    } else {
-                        padded = amx::padded_block(q_rows, rows, head_dim, head_dim, depth);
-                        (padded.as_slice(), depth)
-                    };
-                    let width = packed_k.padded_columns();
-                    let probability_width = packed_v.padded_depth();
-                    let out_width = packed_v.padded_columns();
-                    let scratch = BLOCK_ROWS * (width + out_width);
-                    with_f32_scratch(scratch, |buffer| {
-                        let (scores, values) = buffer.split_at_mut(BLOCK_ROWS * width);
-                        tiles.multiply_row_block(a, lda, packed_k, scores, width);
-                        let probabilities = BLOCK_ROWS * probability_width;
-                        with_bf16_scratch(probabilities, |probabilities| {
-                            // Padding (columns past the keys, rows past the queries) must be zero.
-                            for (r, row) in probabilities
-                                .chunks_exact_mut(probability_width)
-                                .enumerate()
-                            {
-                                if r < rows {
-                                    let scores = &mut scores[r * width..r * width + keys];
-                                    softmax_row(scores, scale, &mut row[..keys]);
-                                    row[keys..].fill(bf16::ZERO);
-                                } else {
-                                    row.fill(bf16::ZERO);
-                                }
-                            }
-                            tiles.multiply_row_block(
-                                probabilities,
-                                probability_width,
-                                packed_v,
-                                values,
-                                out_width,
-                            );
-                        });
-                        for r in 0..rows {
-                            for j in 0..head_dim {
-                                // SAFETY: each (bh, row, j) belongs to exactly one task; the index
-                                // is in bounds.
-                                unsafe {
-                                    target.write(
-                                        shapes.output_index(bh, first + r, j),
-                                        round_to_bf16(values[r * out_width + j]),
-                                    )
-                                };
-                            }
-                        }
-                    });
-                })
+                let (bh, block) = (task / shapes.query_blocks(), task % shapes.query_blocks());
+                let (packed_k, packed_v) = &packed[bh];
+                let Some(tiles) = Tiles::configure() else {
+                    return;
+                };
+                let first = block * BLOCK_ROWS;
+                let task = QueryBlock {
+                    shapes,
+                    bh,
+                    first,
+                    rows: (queries - first).min(BLOCK_ROWS),
+                    queries: &qs[(bh * queries + first) * head_dim..],
+                    packed_k,
+                    packed_v,
+                    scale,
+                    target,
+                };
+                let mut result = ResultBlock::new();
+                let (query_depth, weight_depth) = (packed_k.depth_blocks, packed_v.depth_blocks);
+                let score_words = BLOCK_ROWS * packed_k.padded_columns();
+                with_operand_scratch(
+                    query_depth,
+                    weight_depth,
+                    score_words,
+                    |query, weights, scores| {
+                        // The thread-local scratch is taken outside: `vectorised` inlines only what
+                        // is inside it.
+                        vectorised(
+                            #[inline(always)]
+                            || task.run(&tiles, query, weights, scores, &mut result),
+                        )
+                    },
+                );
             });
         Ok(())
     })?;
@@ -294,6 +272,172 @@ fn fused_bf16(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         (shapes.batch, queries, shapes.heads * head_dim),
         q.device(),
     )?)
+}
+
+/// One task of [`fused_bf16`]: a block of up to 32 queries of one head.
+struct QueryBlock<'a> {
+    shapes: Shapes,
+    /// Sample and head, `batch * heads + head`.
+    bh: usize,
+    first: usize,
+    rows: usize,
+    /// The head's query rows from `first` on, `[.., d]`.
+    queries: &'a [bf16],
+    packed_k: &'a PackedB,
+    packed_v: &'a PackedB,
+    scale: f32,
+    target: SharedOutput<bf16>,
+}
+
+impl QueryBlock<'_> {
+    #[inline(always)]
+    fn run(
+        &self,
+        tiles: &Tiles,
+        query: &mut AlignedWords,
+        weights: &mut AlignedWords,
+        scores: &mut AlignedWords,
+        result: &mut ResultBlock,
+    ) {
+        let Shapes { keys, head_dim, .. } = self.shapes;
+        let (rows, width) = (self.rows, self.packed_k.padded_columns());
+        let depth = self.packed_k.depth_blocks;
+        pack_rows(
+            self.queries,
+            rows,
+            head_dim,
+            head_dim,
+            depth,
+            query.as_bf16_mut(),
+        );
+        tiles.row_block_into(query.as_slice(), self.packed_k, scores.as_f32_mut(), width);
+        let scores = scores.as_f32_mut();
+        let mut maxima = [f32::NEG_INFINITY; BLOCK_ROWS];
+        for (maximum, row) in maxima.iter_mut().zip(scores.chunks_exact(width)).take(rows) {
+            let mut lanes = [f32::NEG_INFINITY; LANES];
+            lane_maxima(&row[..keys], &mut lanes);
+            *maximum = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| larger(m, v));
+        }
+        let mut sums = [0f32; BLOCK_ROWS];
+        let packed_weights = weights.as_bf16_mut();
+        for (r, sum) in sums.iter_mut().enumerate() {
+            let row = (r < rows).then(|| &scores[r * width..][..keys]);
+            *sum = exp_into_tiles(row, maxima[r], self.scale, r, packed_weights);
+        }
+        let inverse = sums.map(|sum| 1.0 / sum);
+        tiles.row_block_products(
+            weights.as_slice(),
+            self.packed_v,
+            result,
+            #[inline(always)]
+            |column, block| {
+                let valid = head_dim.saturating_sub(column).min(BLOCK_COLUMNS);
+                for (r, &scale) in inverse.iter().enumerate().take(rows) {
+                    let start = self.shapes.output_index(self.bh, self.first + r, column);
+                    for (j, &value) in block[r * BLOCK_COLUMNS..][..valid].iter().enumerate() {
+                        // SAFETY: each (bh, row, j) belongs to exactly one task; the index is in
+                        // bounds.
+                        unsafe { self.target.write(start + j, round_to_bf16(value * scale)) };
+                    }
+                }
+            },
+        );
+    }
+}
+
+thread_local! {
+    /// Packed query rows, packed attention weights and scores of the running task.
+    static OPERANDS: RefCell<(AlignedWords, AlignedWords, AlignedWords)> = RefCell::new(Default::default());
+}
+
+/// Calls `f` with this thread's aligned scratch for one packed row block of queries (depth
+/// `query_depth` tiles), one of attention weights (`weight_depth` tiles) and `score_words` f32
+/// scores. Stale contents.
+fn with_operand_scratch<R>(
+    query_depth: usize,
+    weight_depth: usize,
+    score_words: usize,
+    f: impl FnOnce(&mut AlignedWords, &mut AlignedWords, &mut AlignedWords) -> R,
+) -> R {
+    OPERANDS.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let (query, weights, scores) = &mut *scratch;
+        query.resize(row_block_words(query_depth));
+        weights.resize(row_block_words(weight_depth));
+        scores.resize(score_words);
+        f(query, weights, scores)
+    })
+}
+
+/// f32 lanes of one AVX-512 register.
+const LANES: usize = 16;
+
+/// `a.max(b)` for values that are not NaN, as one `vmaxps` (`f32::max` adds NaN handling).
+#[inline(always)]
+fn larger(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// Folds `values` into the running maxima `lanes` (element `i` into lane `i % 16`).
+#[inline(always)]
+fn lane_maxima(values: &[f32], lanes: &mut [f32; LANES]) {
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = larger(*lane, v);
+        }
+    }
+    for (lane, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *lane = larger(*lane, v);
+    }
+}
+
+/// Writes `exp(scale (score - maximum))` of one row of scores, rounded to bf16, as row `r` of a
+/// packed row block of attention weights (zero past the keys; all zero for `None`, a row past the
+/// queries). Returns the sum of the unrounded values.
+#[inline(always)]
+fn exp_into_tiles(
+    scores: Option<&[f32]>,
+    maximum: f32,
+    scale: f32,
+    r: usize,
+    packed: &mut [bf16],
+) -> f32 {
+    let depth_blocks = packed.len() / (BLOCK_ROWS * BLOCK_COLUMNS);
+    let slot = |d: usize| (d * 2 + r / 16) * 512 + (r % 16) * BLOCK_COLUMNS;
+    let Some(scores) = scores else {
+        for d in 0..depth_blocks {
+            packed[slot(d)..][..BLOCK_COLUMNS].fill(bf16::ZERO);
+        }
+        return 1.0;
+    };
+    let mut sums = [0f32; BLOCK_COLUMNS];
+    for d in 0..depth_blocks {
+        let target = &mut packed[slot(d)..][..BLOCK_COLUMNS];
+        let chunk = &scores[(d * BLOCK_COLUMNS).min(scores.len())..];
+        if chunk.len() >= BLOCK_COLUMNS {
+            for ((t, &s), sum) in target
+                .iter_mut()
+                .zip(&chunk[..BLOCK_COLUMNS])
+                .zip(&mut sums)
+            {
+                let value = exp((s - maximum) * scale);
+                *sum += value;
+                *t = round_to_bf16(value);
+            }
+        } else {
+            for (i, t) in target.iter_mut().enumerate() {
+                let value = chunk.get(i).map_or(0.0, |&s| exp((s - maximum) * scale));
+                sums[i] += value;
+                *t = round_to_bf16(value);
+            }
+        }
+    }
+    sums.iter().sum()
 }
 
 /// f32 attention: per head and block of query rows, `q k^T`, softmax and `p v` with the `gemm`
@@ -318,73 +462,77 @@ fn fused_f32(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         (0..pairs * shapes.query_blocks())
             .into_par_iter()
             .for_each(|task| {
-                vectorised(|| {
-                    let (bh, block) = (task / shapes.query_blocks(), task % shapes.query_blocks());
-                    let first = block * BLOCK_ROWS;
-                    let rows = (queries - first).min(BLOCK_ROWS);
-                    let q_rows = &qs[(bh * queries + first) * head_dim..];
-                    let (k_head, v_head) = (
-                        &ks[bh * head..bh * head + head],
-                        &vs[bh * head..bh * head + head],
-                    );
-                    with_f32_scratch(rows * keys, |scores| {
-                        // SAFETY: all pointers and strides describe the slices above: q rows `[rows, d]`,
-                        // K^T as `[d, keys]` (column stride d), scores `[rows, keys]`.
-                        unsafe {
-                            gemm::gemm(
-                                rows,
-                                keys,
-                                head_dim,
-                                scores.as_mut_ptr(),
-                                1,
-                                keys as isize,
-                                false,
-                                q_rows.as_ptr(),
-                                1,
-                                head_dim as isize,
-                                k_head.as_ptr(),
-                                head_dim as isize,
-                                1,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
-                        for row in scores.chunks_exact_mut(keys) {
-                            softmax_in_place(row, scale);
-                        }
-                        let probabilities = scores;
-                        let destination = shapes.output_index(bh, first, 0);
-                        // SAFETY: p `[rows, keys]`, V `[keys, d]`; the destination rows `first..first + rows`
-                        // of this head (row stride heads * d) are written by this task only.
-                        unsafe {
-                            gemm::gemm(
-                                rows,
-                                head_dim,
-                                keys,
-                                target.pointer().add(destination),
-                                1,
-                                row_stride as isize,
-                                false,
-                                probabilities.as_ptr(),
-                                1,
-                                keys as isize,
-                                v_head.as_ptr(),
-                                1,
-                                head_dim as isize,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
-                    });
-                })
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let (bh, block) =
+                            (task / shapes.query_blocks(), task % shapes.query_blocks());
+                        let first = block * BLOCK_ROWS;
+                        let rows = (queries - first).min(BLOCK_ROWS);
+                        let q_rows = &qs[(bh * queries + first) * head_dim..];
+                        let (k_head, v_head) = (
+                            &ks[bh * head..bh * head + head],
+                            &vs[bh * head..bh * head + head],
+                        );
+                        with_f32_scratch(rows * keys, |scores| {
+                            // SAFETY: all pointers and strides describe the slices above: q rows `[rows, d]`,
+                            // K^T as `[d, keys]` (column stride d), scores `[rows, keys]`.
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    keys,
+                                    head_dim,
+                                    scores.as_mut_ptr(),
+                                    1,
+                                    keys as isize,
+                                    false,
+                                    q_rows.as_ptr(),
+                                    1,
+                                    head_dim as isize,
+                                    k_head.as_ptr(),
+                                    head_dim as isize,
+                                    1,
+                                    0.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                            for row in scores.chunks_exact_mut(keys) {
+                                softmax_in_place(row, scale);
+                            }
+                            let probabilities = scores;
+                            let destination = shapes.output_index(bh, first, 0);
+                            // SAFETY: p `[rows, keys]`, V `[keys, d]`; the destination rows `first..first + rows`
+                            // of this head (row stride heads * d) are written by this task only.
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    head_dim,
+                                    keys,
+                                    target.pointer().add(destination),
+                                    1,
+                                    row_stride as isize,
+                                    false,
+                                    probabilities.as_ptr(),
+                                    1,
+                                    keys as isize,
+                                    v_head.as_ptr(),
+                                    1,
+                                    head_dim as isize,
+                                    0.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                        });
+                    },
+                )
             });
         Ok(())
     })?;

@@ -132,31 +132,35 @@ fn modulate_typed<T: Element>(
             .zip(values.par_chunks(channels * ROWS_PER_TASK))
             .enumerate()
             .for_each(|(task, (out_rows, in_rows))| {
-                vectorised(|| {
-                    let mut row32 = vec![0f32; channels];
-                    for (index, (out_row, in_row)) in out_rows
-                        .chunks_exact_mut(channels)
-                        .zip(in_rows.chunks_exact(channels))
-                        .enumerate()
-                    {
-                        let sample = (task * ROWS_PER_TASK + index) / rows;
-                        let (shift, scale) = (
-                            &shift[sample * channels..(sample + 1) * channels],
-                            &scale[sample * channels..(sample + 1) * channels],
-                        );
-                        for (a, b) in row32.iter_mut().zip(in_row) {
-                            *a = b.to_f32();
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let mut row32 = vec![0f32; channels];
+                        for (index, (out_row, in_row)) in out_rows
+                            .chunks_exact_mut(channels)
+                            .zip(in_rows.chunks_exact(channels))
+                            .enumerate()
+                        {
+                            let sample = (task * ROWS_PER_TASK + index) / rows;
+                            let (shift, scale) = (
+                                &shift[sample * channels..(sample + 1) * channels],
+                                &scale[sample * channels..(sample + 1) * channels],
+                            );
+                            for (a, b) in row32.iter_mut().zip(in_row) {
+                                *a = b.to_f32();
+                            }
+                            let mean = row32.iter().sum::<f32>() / channels as f32;
+                            let variance =
+                                row32.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
+                                    / channels as f32;
+                            let inverse = 1.0 / (variance + eps).sqrt();
+                            for c in 0..channels {
+                                let normalised = (row32[c] - mean) * inverse;
+                                out_row[c] = T::from_f32(normalised * (1.0 + scale[c]) + shift[c]);
+                            }
                         }
-                        let mean = row32.iter().sum::<f32>() / channels as f32;
-                        let variance = row32.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
-                            / channels as f32;
-                        let inverse = 1.0 / (variance + eps).sqrt();
-                        for c in 0..channels {
-                            let normalised = (row32[c] - mean) * inverse;
-                            out_row[c] = T::from_f32(normalised * (1.0 + scale[c]) + shift[c]);
-                        }
-                    }
-                })
+                    },
+                )
             });
         Ok(())
     })?;
@@ -194,20 +198,23 @@ fn gated_add_typed<T: Element>(x: &Tensor, gate: &[f32], y: &Tensor) -> Result<T
                 .zip(ys.par_chunks(channels * ROWS_PER_TASK))
                 .enumerate()
                 .for_each(|(task, ((out_rows, x_rows), y_rows))| {
-                    vectorised(|| {
-                        for (index, ((o, a), b)) in out_rows
-                            .chunks_exact_mut(channels)
-                            .zip(x_rows.chunks_exact(channels))
-                            .zip(y_rows.chunks_exact(channels))
-                            .enumerate()
-                        {
-                            let sample = (task * ROWS_PER_TASK + index) / rows;
-                            let gate = &gate[sample * channels..(sample + 1) * channels];
-                            for c in 0..channels {
-                                o[c] = T::from_f32(a[c].to_f32() + gate[c] * b[c].to_f32());
+                    vectorised(
+                        #[inline(always)]
+                        || {
+                            for (index, ((o, a), b)) in out_rows
+                                .chunks_exact_mut(channels)
+                                .zip(x_rows.chunks_exact(channels))
+                                .zip(y_rows.chunks_exact(channels))
+                                .enumerate()
+                            {
+                                let sample = (task * ROWS_PER_TASK + index) / rows;
+                                let gate = &gate[sample * channels..(sample + 1) * channels];
+                                for c in 0..channels {
+                                    o[c] = T::from_f32(a[c].to_f32() + gate[c] * b[c].to_f32());
+                                }
                             }
-                        }
-                    })
+                        },
+                    )
                 });
             Ok(())
         })
@@ -330,40 +337,44 @@ fn qk_norm_rope_typed<T: Element>(
             .zip(v.par_chunks_mut(slab))
             .enumerate()
             .for_each(|(bh, ((q_slab, k_slab), v_slab))| {
-                vectorised(|| {
-                    let (sample, head) = (bh / heads, bh % heads);
-                    let table_sample = if table_batch == 1 { 0 } else { sample };
-                    let mut normalised = vec![0f32; head_dim];
-                    for token in 0..length {
-                        let row = &values[(sample * length + token) * width + column..];
-                        let table =
-                            ((table_sample * table_length) + parameters.table_offset + token)
-                                * half;
-                        let (cos, sin) = (&cos[table..table + half], &sin[table..table + half]);
-                        let out = token * head_dim..(token + 1) * head_dim;
-                        let part =
-                            |which: usize| &row[(which * heads + head) * head_dim..][..head_dim];
-                        norm_rope_head(
-                            part(0),
-                            &query_scale,
-                            eps,
-                            cos,
-                            sin,
-                            &mut normalised,
-                            &mut q_slab[out.clone()],
-                        );
-                        norm_rope_head(
-                            part(1),
-                            &key_scale,
-                            eps,
-                            cos,
-                            sin,
-                            &mut normalised,
-                            &mut k_slab[out.clone()],
-                        );
-                        v_slab[out].copy_from_slice(part(2));
-                    }
-                })
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let (sample, head) = (bh / heads, bh % heads);
+                        let table_sample = if table_batch == 1 { 0 } else { sample };
+                        let mut normalised = vec![0f32; head_dim];
+                        for token in 0..length {
+                            let row = &values[(sample * length + token) * width + column..];
+                            let table =
+                                ((table_sample * table_length) + parameters.table_offset + token)
+                                    * half;
+                            let (cos, sin) = (&cos[table..table + half], &sin[table..table + half]);
+                            let out = token * head_dim..(token + 1) * head_dim;
+                            let part = |which: usize| {
+                                &row[(which * heads + head) * head_dim..][..head_dim]
+                            };
+                            norm_rope_head(
+                                part(0),
+                                &query_scale,
+                                eps,
+                                cos,
+                                sin,
+                                &mut normalised,
+                                &mut q_slab[out.clone()],
+                            );
+                            norm_rope_head(
+                                part(1),
+                                &key_scale,
+                                eps,
+                                cos,
+                                sin,
+                                &mut normalised,
+                                &mut k_slab[out.clone()],
+                            );
+                            v_slab[out].copy_from_slice(part(2));
+                        }
+                    },
+                )
             });
         Ok(())
     })?;
@@ -410,18 +421,21 @@ fn swiglu_typed<T: Element>(x: &Tensor, column: usize, width: usize) -> Result<T
         out.par_chunks_mut(half * ROWS_PER_TASK)
             .zip(values.par_chunks(row_width * ROWS_PER_TASK))
             .for_each(|(out_rows, in_rows)| {
-                vectorised(|| {
-                    for (o, row) in out_rows
-                        .chunks_exact_mut(half)
-                        .zip(in_rows.chunks_exact(row_width))
-                    {
-                        let (gate, value) = row[column..column + width].split_at(half);
-                        for c in 0..half {
-                            let a = gate[c].to_f32();
-                            o[c] = T::from_f32(a / (1.0 + exp(-a)) * value[c].to_f32());
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (o, row) in out_rows
+                            .chunks_exact_mut(half)
+                            .zip(in_rows.chunks_exact(row_width))
+                        {
+                            let (gate, value) = row[column..column + width].split_at(half);
+                            for c in 0..half {
+                                let a = gate[c].to_f32();
+                                o[c] = T::from_f32(a / (1.0 + exp(-a)) * value[c].to_f32());
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         Ok(())
     })?;

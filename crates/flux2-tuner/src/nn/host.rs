@@ -52,6 +52,9 @@ impl<T> SharedOutput<T> {
 
 /// Runs `f` compiled for AVX-512 (or AVX2) when the CPU has it: the closure is inlined into a
 /// function with those target features, so its loops vectorise beyond baseline x86-64 (SSE2).
+///
+/// Mark the closure `#[inline(always)]` (and any function it calls for its loops): a large
+/// closure is otherwise compiled as a function of its own, for baseline x86-64, and called.
 #[inline(always)]
 pub fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -87,7 +90,6 @@ fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
 
 thread_local! {
     static SCRATCH_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    static SCRATCH_BF16: std::cell::RefCell<Vec<half::bf16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Calls `f` with this thread's f32 scratch of `length` values, kept between calls so that the
@@ -98,17 +100,6 @@ pub fn with_f32_scratch<R>(length: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
         let mut buffer = cell.borrow_mut();
         if buffer.len() < length {
             buffer.resize(length, 0.0);
-        }
-        f(&mut buffer[..length])
-    })
-}
-
-/// As [`with_f32_scratch`], for bf16.
-pub fn with_bf16_scratch<R>(length: usize, f: impl FnOnce(&mut [half::bf16]) -> R) -> R {
-    SCRATCH_BF16.with(|cell| {
-        let mut buffer = cell.borrow_mut();
-        if buffer.len() < length {
-            buffer.resize(length, half::bf16::ZERO);
         }
         f(&mut buffer[..length])
     })

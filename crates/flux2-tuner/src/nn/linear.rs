@@ -42,8 +42,9 @@ fn bf16_values(storage: &CpuStorage, offset: usize) -> Result<&[bf16]> {
 /// `x W^T` on AMX tiles for bf16 inference (`x` `[rows, in]`, `W` `[out, in]`), or `None` where it
 /// does not apply (other dtype or device, a gradient to record, no AMX).
 ///
-/// `x` is the in-place left operand; `W^T` is repacked into tile layout for the call (a transient
-/// copy the size of the weight), so that output rows come out contiguous.
+/// `W^T` is repacked into tile layout for the call (a transient copy the size of the weight,
+/// made by 16 x 16 AVX-512 transposes in parallel; no packed copy is kept with the model), so
+/// that output rows come out contiguous.
 fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     if x.dtype() != DType::BF16
         || weight.dtype() != DType::BF16

@@ -1,6 +1,7 @@
 //! Layers and tensor functions shared by the models.
 
 pub mod amx;
+pub mod amx_layout;
 pub mod attention;
 pub mod flash;
 pub mod fused;

@@ -13,11 +13,14 @@ use crate::nn::host::vectorised;
 /// `values` rounded to bf16 (to nearest even).
 pub(super) fn rounded(values: &[f32]) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; values.len()];
-    vectorised(|| {
-        for (o, &v) in out.iter_mut().zip(values) {
-            *o = round_to_bf16(v);
-        }
-    });
+    vectorised(
+        #[inline(always)]
+        || {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = round_to_bf16(v);
+            }
+        },
+    );
     out
 }
 

@@ -1,0 +1,101 @@
+//! The Rust side of `bench_dit` alone, for profiling (`perf record`) and quick A/B timings: one
+//! forward pass of the mid-size DiT, repeated, in one dtype.
+//!
+//! ```text
+//! cargo run --release -p flux2-tuner --example dit_forward_rust -- [--threads 1] [--warmup 2] [--iterations 5] [--f32 1]
+//! ```
+
+use std::time::Instant;
+
+mod bench_support;
+
+use candle_core::{DType, Device, Tensor};
+use flux2_tuner::checkpoint::Checkpoint;
+use flux2_tuner::models::dit::tokens::{image_position_ids, text_position_ids};
+use flux2_tuner::models::dit::writer::write_random_dit;
+use flux2_tuner::models::dit::{DitInput, Flux2Dit};
+use flux2_tuner::util::rng::SeededRng;
+
+type RunResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn random_tensor(rng: &mut SeededRng, shape: (usize, usize, usize)) -> RunResult<Tensor> {
+    let count = shape.0 * shape.1 * shape.2;
+    let values: Vec<f32> = (0..count).map(|_| rng.normal() as f32).collect();
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+}
+
+fn main() -> RunResult<()> {
+    flux2_tuner::util::memory::keep_freed_buffers();
+    // `--f32 1` times f32 instead of bf16 (the option parser takes numbers only).
+    let mut arguments: Vec<String> = std::env::args().collect();
+    let f32_mode = match arguments.iter().position(|a| a == "--f32") {
+        Some(index) => {
+            let value = arguments.get(index + 1).cloned().unwrap_or_default();
+            arguments.drain(index..(index + 2).min(arguments.len()));
+            value == "1"
+        }
+        None => false,
+    };
+    let options = bench_support::parse_options_from(
+        arguments.into_iter().skip(1),
+        bench_support::Options {
+            threads: 1,
+            warmup: 2,
+            iterations: 5,
+        },
+    )?;
+    std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());
+    let dtype = if f32_mode { DType::F32 } else { DType::BF16 };
+
+    let config = bench_support::mid_size_dit_config(384);
+    let directory = std::env::temp_dir().join(format!("flux2-dit-rust-{}", std::process::id()));
+    std::fs::create_dir_all(&directory)?;
+    let path = directory.join("dit.safetensors");
+    write_random_dit(&config, &path, 0, DType::F32)?;
+    let device = Device::Cpu;
+    let checkpoint = Checkpoint::open(&path)?;
+    let dit = Flux2Dit::load(&checkpoint, None, dtype, &device)?;
+    std::fs::remove_dir_all(&directory)?;
+
+    let mut rng = SeededRng::new(0);
+    let image_tokens = random_tensor(&mut rng, (1, 32 * 32, config.in_channels))?;
+    let text = random_tensor(&mut rng, (1, 128, config.context_in_dim))?;
+    let image_ids = image_position_ids(1, 32, 32, 0, &device)?;
+    let text_ids = text_position_ids(1, 128, &device)?;
+    let timesteps = Tensor::new(&[0.7f32], &device)?;
+    let input = DitInput {
+        image_tokens: &image_tokens,
+        image_position_ids: &image_ids,
+        text_embeddings: &text,
+        text_position_ids: &text_ids,
+        timesteps: &timesteps,
+        guidance: None,
+    };
+    let mut seconds = Vec::new();
+    let mut cpu = Vec::new();
+    for index in 0..options.warmup + options.iterations {
+        let start = Instant::now();
+        let cpu_start = bench_support::cpu_seconds();
+        let output = dit.forward(&input)?;
+        let first: f32 = output.flatten_all()?.get(0)?.to_scalar()?;
+        let elapsed = start.elapsed().as_secs_f64();
+        let cpu_elapsed = bench_support::cpu_seconds() - cpu_start;
+        if !first.is_finite() {
+            return Err("non-finite output".into());
+        }
+        if index >= options.warmup {
+            seconds.push(elapsed);
+            cpu.push(cpu_elapsed);
+        }
+    }
+    let all: Vec<String> = seconds.iter().map(|s| format!("{s:.3}")).collect();
+    println!(
+        "dit_forward {dtype:?}, {} threads: median {:.3} s, CPU time median {:.3} s min {:.3} s (runs {})",
+        options.threads,
+        bench_support::median(seconds),
+        bench_support::median(cpu.clone()),
+        cpu.iter().copied().fold(f64::INFINITY, f64::min),
+        all.join(" ")
+    );
+    Ok(())
+}
