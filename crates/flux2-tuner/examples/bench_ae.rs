@@ -65,8 +65,46 @@ fn parse_options() -> BenchResult<Options> {
     Ok(options)
 }
 
-/// Best seconds of encode and of decode (encode is `None` in decode-only mode).
-fn time_rust(path: &Path, options: &Options) -> BenchResult<(Option<f64>, f64)> {
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat` (Linux; 0
+/// elsewhere). On a shared machine the CPU time of a section varies less than its wall time.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name: state is the 3rd, utime and stime the 14th and
+    // 15th, in clock ticks of 1/100 s.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index - 3)
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+/// A timed section: wall seconds and CPU seconds.
+#[derive(Clone, Copy)]
+struct Timing {
+    wall: f64,
+    cpu: f64,
+}
+
+fn time_section<R>(f: impl FnOnce() -> R) -> (R, Timing) {
+    let (start, cpu) = (Instant::now(), process_cpu_seconds());
+    let result = f();
+    let timing = Timing {
+        wall: start.elapsed().as_secs_f64(),
+        cpu: process_cpu_seconds() - cpu,
+    };
+    (result, timing)
+}
+
+/// Best timings of encode and of decode (encode is `None` in decode-only mode).
+fn time_rust(path: &Path, options: &Options) -> BenchResult<(Option<Timing>, Timing)> {
     let device = Device::Cpu;
     let checkpoint = Checkpoint::open(path)?;
     let autoencoder = AutoEncoder::load(&checkpoint, DType::F32, &device)?;
@@ -80,24 +118,32 @@ fn time_rust(path: &Path, options: &Options) -> BenchResult<(Option<f64>, f64)> 
                 .map(|_| (2.0 * rng.uniform() - 1.0) as f32)
                 .collect();
             let image = Tensor::from_vec(values, (1, 3, side, side), &device)?;
-            let start = Instant::now();
-            let latents = autoencoder.encode(&image)?;
-            encode.push(start.elapsed().as_secs_f64());
-            latents
+            let (latents, timing) = time_section(|| autoencoder.encode(&image));
+            encode.push(timing);
+            latents?
         } else {
             let channels = autoencoder.config().latent_channels();
             let values = rng.normal_vec(channels * latent_side * latent_side);
             Tensor::from_vec(values, (1, channels, latent_side, latent_side), &device)?
         };
-        let start = Instant::now();
-        let image = autoencoder.decode(&latents)?;
-        decode.push(start.elapsed().as_secs_f64());
+        let (image, timing) = time_section(|| autoencoder.decode(&latents));
+        decode.push(timing);
+        let image = image?;
         let first: f32 = image.flatten_all()?.get(0)?.to_scalar()?;
         if !first.is_finite() || image.dims() != [1, 3, side, side] {
             return Err(format!("bad decode output {:?}", image.dims()).into());
         }
     }
-    let best = |seconds: &[f64]| seconds.iter().copied().fold(f64::INFINITY, f64::min);
+    let best = |timings: &[Timing]| {
+        timings
+            .iter()
+            .copied()
+            .min_by(|a, b| a.wall.total_cmp(&b.wall))
+            .unwrap_or(Timing {
+                wall: f64::NAN,
+                cpu: f64::NAN,
+            })
+    };
     Ok((options.encode.then(|| best(&encode)), best(&decode)))
 }
 
@@ -171,9 +217,10 @@ fn main() -> BenchResult<()> {
                 ("decode", rust_decode, torch_decode),
             ] {
                 println!(
-                    "ae_{name} {}px: rust {rust_seconds:.3} s, pytorch {torch_seconds:.3} s, ratio {:.2}",
+                    "ae_{name} {}px: rust {:.3} s, pytorch {torch_seconds:.3} s, ratio {:.2}",
                     options.size,
-                    rust_seconds / torch_seconds
+                    rust_seconds.wall,
+                    rust_seconds.wall / torch_seconds
                 );
             }
         }
@@ -181,10 +228,16 @@ fn main() -> BenchResult<()> {
             if let Err(reason) = reference {
                 println!("PyTorch unavailable: {reason}");
             }
-            if let Some(seconds) = rust_encode {
-                println!("ae_encode {}px: rust {seconds:.3} s", options.size);
+            if let Some(timing) = rust_encode {
+                println!(
+                    "ae_encode {}px: rust {:.3} s (cpu {:.2} s)",
+                    options.size, timing.wall, timing.cpu
+                );
             }
-            println!("ae_decode {}px: rust {rust_decode:.3} s", options.size);
+            println!(
+                "ae_decode {}px: rust {:.3} s (cpu {:.2} s)",
+                options.size, rust_decode.wall, rust_decode.cpu
+            );
         }
     }
     Ok(())

@@ -38,17 +38,16 @@ impl ResnetBlock {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let same = Padding::uniform(1);
-        // One binding, reassigned, so that each intermediate is freed as soon as the next exists
-        // (shadowed bindings would all live to the end of the function).
-        let mut h = self.norm1.forward(x, true)?;
-        h = self.conv1.forward(&h, 1, same, false)?;
-        h = self.norm2.forward(&h, true)?;
-        h = self.conv2.forward(&h, 1, same, false)?;
+        // The GroupNorm + swish of each convolution's input and the residual are fused into it.
+        let h = self
+            .conv1
+            .forward_fused(x, Some(&self.norm1), 1, same, false, None)?;
         let residual = match &self.nin_shortcut {
             Some(shortcut) => shortcut.forward_pointwise(x)?,
             None => x.clone(),
         };
-        Ok((residual + h)?)
+        self.conv2
+            .forward_fused(&h, Some(&self.norm2), 1, same, false, Some(&residual))
     }
 }
 

@@ -71,7 +71,7 @@ impl Decoder {
                 h = upsample.forward(&h)?;
             }
         }
-        h = self.norm_out.forward(&h, true)?;
-        self.conv_out.forward(&h, 1, same, false)
+        self.conv_out
+            .forward_fused(&h, Some(&self.norm_out), 1, same, false, None)
     }
 }

@@ -92,8 +92,9 @@ impl Encoder {
             }
         }
         h = self.mid.forward(&h)?;
-        h = self.norm_out.forward(&h, true)?;
-        h = self.conv_out.forward(&h, 1, same, false)?;
+        h = self
+            .conv_out
+            .forward_fused(&h, Some(&self.norm_out), 1, same, false, None)?;
         self.quant_conv.forward_pointwise(&h)
     }
 }

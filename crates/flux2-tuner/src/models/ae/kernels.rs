@@ -1,15 +1,15 @@
-//! Hand-written CPU f32 kernels for the AE's two hot spots, each writing its output once instead
+//! Hand-written CPU f32 GroupNorm for the AE: statistics in f64, folded into one scale and shift
+//! per (batch, channel), then applied with swish in one pass that writes its output once instead
 //! of through a chain of full-size temporaries (on a megapixel activation every temporary is
-//! hundreds of MB of freshly faulted pages):
-//! * a stride-1 convolution as one accumulating GEMM per kernel tap over the flattened padded
-//!   input (no im2col copy);
-//! * GroupNorm (statistics in f64) fused with the affine transform and swish.
+//! hundreds of MB of freshly faulted pages). The convolutions take the scale and shift directly
+//! (see `direct`), so most GroupNorms never write their output at all.
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::direct::{apply_transform, InputTransform};
 use crate::error::{Error, Result};
-use crate::nn::host::with_data;
+use crate::nn::host::{vectorised, with_data};
 
 fn slice(storage: &candle_core::CpuStorage, offset: usize, length: usize) -> Result<&[f32]> {
     let values = storage.as_slice::<f32>()?;
@@ -18,95 +18,64 @@ fn slice(storage: &candle_core::CpuStorage, offset: usize, length: usize) -> Res
         .ok_or_else(|| Error::Shape("host kernel input shorter than its shape".into()))
 }
 
-/// Stride-1 convolution of a padded strip `[b, c, rows + k - 1, width + k - 1]` (contiguous
-/// f32) with `taps[ky * k + kx]` = weight[:, :, ky, kx] as contiguous `[out, c]` matrices, plus
-/// `bias` `[out]`. The input of tap (ky, kx) for all outputs is the contiguous run of the flattened
-/// strip starting at `ky * padded_width + kx`; outputs are computed on the padded width and the
-/// `k - 1` extra columns of each row dropped when adding the bias.
-pub fn shifted_convolution(
-    strip: &Tensor,
-    taps: &[Tensor],
-    bias: &Tensor,
-    kernel: usize,
-) -> Result<Tensor> {
-    let (batch, channels, padded_rows, padded_width) = strip.dims4()?;
-    let out_channels = bias.dim(0)?;
-    let rows = padded_rows + 1 - kernel;
-    let width = padded_width + 1 - kernel;
-    let plane = padded_rows * padded_width;
-    let length = rows * padded_width - (kernel - 1);
-    let threads = rayon::current_num_threads();
-    let mut full = vec![0f32; batch * out_channels * rows * padded_width];
-    with_data(strip, |input, input_offset| {
-        let input = slice(input, input_offset, batch * channels * plane)?;
-        for (t, tap) in taps.iter().enumerate() {
-            let (ky, kx) = (t / kernel, t % kernel);
-            with_data(tap, |weights, weight_offset| {
-                let weights = slice(weights, weight_offset, out_channels * channels)?;
-                for b in 0..batch {
-                    let source = &input[b * channels * plane + ky * padded_width + kx..];
-                    let target = &mut full[b * out_channels * rows * padded_width..];
-                    // SAFETY: lhs [out, c] row-major; rhs [c, length] with row stride `plane`,
-                    // whose last element `(c - 1) * plane + length - 1 + ky * pw + kx` lies inside
-                    // this batch's input; dst [out, length] with row stride `rows * pw`.
-                    unsafe {
-                        gemm::gemm(
-                            out_channels,
-                            length,
-                            channels,
-                            target.as_mut_ptr(),
-                            1,
-                            (rows * padded_width) as isize,
-                            t > 0,
-                            weights.as_ptr(),
-                            1,
-                            channels as isize,
-                            source.as_ptr(),
-                            1,
-                            plane as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            if threads > 1 {
-                                gemm::Parallelism::Rayon(threads)
-                            } else {
-                                gemm::Parallelism::None
-                            },
-                        );
-                    }
-                }
-                Ok(())
-            })?;
-        }
-        Ok(())
-    })?;
-    let biases = bias.to_vec1::<f32>()?;
-    let mut out = vec![0f32; batch * out_channels * rows * width];
-    out.par_chunks_mut(rows * width)
-        .zip(full.par_chunks(rows * padded_width))
-        .enumerate()
-        .for_each(|(index, (target, source))| {
-            let bias = biases[index % out_channels];
-            for (target_row, source_row) in target
-                .chunks_exact_mut(width)
-                .zip(source.chunks(padded_width))
-            {
-                for (t, s) in target_row.iter_mut().zip(source_row) {
-                    *t = s + bias;
-                }
+/// Calls `f` with the values of a contiguous f32 CPU tensor.
+pub fn host_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    with_data(x, |storage, offset| {
+        f(slice(storage, offset, x.elem_count())?)
+    })
+}
+
+/// The f64 sum of `term(value)` over `values`, in eight interleaved partial sums so that the loop
+/// vectorises (one running sum is a chain of dependent additions).
+fn lane_sum(values: &[f32], term: impl Fn(f64) -> f64) -> f64 {
+    const LANES: usize = 8;
+    vectorised(|| {
+        let mut sums = [0f64; LANES];
+        let chunks = values.chunks_exact(LANES);
+        let rest: f64 = chunks.remainder().iter().map(|&v| term(v as f64)).sum();
+        for chunk in chunks {
+            for (sum, &v) in sums.iter_mut().zip(chunk) {
+                *sum += term(v as f64);
             }
-        });
-    Ok(Tensor::from_vec(
-        out,
-        (batch, out_channels, rows, width),
-        &Device::Cpu,
-    )?)
+        }
+        sums.iter().sum::<f64>() + rest
+    })
+}
+
+/// GroupNorm of `input` `[b, c, h, w]` (f32) with `groups` groups followed by `x * weight + bias`
+/// per channel, as one `(scale, shift)` per (batch, channel): `y = x * scale + shift`. Mean and
+/// variance are accumulated in f64.
+pub fn group_norm_coefficients(
+    input: &[f32],
+    (batch, channels, spatial): (usize, usize, usize),
+    weight: &[f32],
+    bias: &[f32],
+    groups: usize,
+    eps: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let per_group = channels / groups;
+    let block = per_group * spatial;
+    let coefficients: Vec<(f32, f32)> = input[..batch * channels * spatial]
+        .par_chunks(block)
+        .enumerate()
+        .flat_map_iter(|(index, source)| {
+            let count = source.len() as f64;
+            let mean = lane_sum(source, |v| v) / count;
+            let variance = lane_sum(source, |v| (v - mean) * (v - mean)) / count;
+            let inverse = 1.0 / (variance + eps).sqrt();
+            let group = index % groups;
+            (0..per_group).map(move |c| {
+                let channel = group * per_group + c;
+                let scale = weight[channel] as f64 * inverse;
+                (scale as f32, (bias[channel] as f64 - mean * scale) as f32)
+            })
+        })
+        .collect();
+    coefficients.into_iter().unzip()
 }
 
 /// GroupNorm over `[b, c, h, w]` (contiguous f32) with `groups` groups, then `x * weight + bias`
-/// per channel and, when `swish`, `x * sigmoid(x)`. Mean and variance are accumulated in f64.
+/// per channel and, when `swish`, `x * sigmoid(x)`.
 pub fn group_norm(
     x: &Tensor,
     weight: &[f32],
@@ -116,45 +85,23 @@ pub fn group_norm(
     swish: bool,
 ) -> Result<Tensor> {
     let (batch, channels, height, width) = x.dims4()?;
-    let per_group = channels / groups;
     let spatial = height * width;
-    let block = per_group * spatial;
     let mut out = vec![0f32; batch * channels * spatial];
-    with_data(x, |storage, offset| {
-        let input = slice(storage, offset, batch * channels * spatial)?;
-        out.par_chunks_mut(block)
-            .zip(input.par_chunks(block))
+    host_values(x, |input| {
+        let (scale, shift) =
+            group_norm_coefficients(input, (batch, channels, spatial), weight, bias, groups, eps);
+        let transform = InputTransform {
+            scale: &scale,
+            shift: &shift,
+            swish,
+            round_to_bf16: false,
+        };
+        out.par_chunks_mut(spatial)
+            .zip(input.par_chunks(spatial))
             .enumerate()
             .for_each(|(index, (target, source))| {
-                let count = source.len() as f64;
-                let mean = source.iter().map(|&v| v as f64).sum::<f64>() / count;
-                let variance = source
-                    .iter()
-                    .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-                    .sum::<f64>()
-                    / count;
-                let inverse = 1.0 / (variance + eps).sqrt();
-                let group = index % groups;
-                for (c, (target, source)) in target
-                    .chunks_exact_mut(spatial)
-                    .zip(source.chunks_exact(spatial))
-                    .enumerate()
-                {
-                    let channel = group * per_group + c;
-                    let scale = (weight[channel] as f64 * inverse) as f32;
-                    let shift =
-                        (bias[channel] as f64 - mean * weight[channel] as f64 * inverse) as f32;
-                    if swish {
-                        for (t, &s) in target.iter_mut().zip(source) {
-                            let y = s * scale + shift;
-                            *t = y / (1.0 + (-y).exp());
-                        }
-                    } else {
-                        for (t, &s) in target.iter_mut().zip(source) {
-                            *t = s * scale + shift;
-                        }
-                    }
-                }
+                target.copy_from_slice(source);
+                apply_transform(target, scale[index], shift[index], &transform);
             });
         Ok(())
     })?;

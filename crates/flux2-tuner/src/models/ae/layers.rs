@@ -1,17 +1,19 @@
-//! The AE's primitive layers: convolutions computed in horizontal strips (so that the im2col
-//! buffers, and the nearest-x2 upsampled input of an `Upsample`, never exist for a whole
-//! megapixel activation at once), GroupNorm with optional swish computed a few groups at a time,
-//! and the loader that reads them from a checkpoint in the compute dtype.
+//! The AE's primitive layers: convolutions computed in horizontal strips (so that the padded, the
+//! nearest-x2 upsampled or the im2col input never exists for a whole megapixel activation at
+//! once) — on the CPU by the direct kernel of `direct`, which also takes the preceding GroupNorm +
+//! swish and the following residual add —, GroupNorm with optional swish, and the loader that
+//! reads them from a checkpoint in the compute dtype.
 
 use candle_core::{DType, Device, Tensor};
 
+use super::direct::{self, Geometry, InputTransform, PackedConvolution};
 use super::kernels;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 
 /// Bytes of convolution input (after any upsampling and padding) handled per strip. Large enough
 /// that strips keep many rows (halo overhead of a few percent), small enough to bound memory.
-const STRIP_INPUT_BYTES: usize = 48 << 20;
+const STRIP_INPUT_BYTES: usize = 16 << 20;
 
 /// Bytes of activation normalised per GroupNorm chunk.
 const NORM_CHUNK_BYTES: usize = 64 << 20;
@@ -65,8 +67,8 @@ pub struct Conv2d {
     bias: Tensor,
     /// The weight as a matrix [out, in] when the kernel is 1x1.
     pointwise: Option<Tensor>,
-    /// The weight of each kernel tap (ky, kx) as a contiguous matrix [out, in], row-major taps.
-    taps: Vec<Tensor>,
+    /// The weights packed for the CPU kernel (`direct`), when the weight lives on the CPU.
+    packed: Option<PackedConvolution>,
     /// The activation dtype when it differs from the kernel's: candle's CPU convolution has no
     /// bf16 kernel, so bf16 weights (already rounded) and inputs are widened to f32, multiplied
     /// with f32 accumulation (as GPU bf16 convolutions accumulate), and the output rounded back.
@@ -96,23 +98,21 @@ impl Conv2d {
         } else {
             None
         };
-        let mut taps = Vec::with_capacity(kernel_h * kernel_w);
-        for ky in 0..kernel_h {
-            for kx in 0..kernel_w {
-                taps.push(
-                    weight
-                        .narrow(2, ky, 1)?
-                        .narrow(3, kx, 1)?
-                        .reshape((out, input))?
-                        .contiguous()?,
-                );
-            }
-        }
+        let packed = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+            Some(PackedConvolution::new(
+                &weight.flatten_all()?.to_vec1::<f32>()?,
+                &bias.to_vec1::<f32>()?,
+                out,
+                input,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             weight,
             bias,
             pointwise,
-            taps,
+            packed,
             widened,
         })
     }
@@ -157,10 +157,116 @@ impl Conv2d {
         padding: Padding,
         upsample: bool,
     ) -> Result<Tensor> {
-        self.forward_in_strips(x, stride, padding, upsample, STRIP_INPUT_BYTES)
+        self.forward_fused(x, None, stride, padding, upsample, None)
     }
 
-    /// [`Conv2d::forward`] with strips of about `strip_bytes` of input each.
+    /// [`Conv2d::forward`] of `swish(norm(x))` when `norm` is given, plus `residual` when given.
+    /// On the CPU the GroupNorm + swish is applied while the convolution gathers its input and
+    /// the residual added as it stores its output, so neither makes a full-size temporary.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        norm: Option<&GroupNorm>,
+        stride: usize,
+        padding: Padding,
+        upsample: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_fused_in_strips(
+            x,
+            norm,
+            stride,
+            padding,
+            upsample,
+            residual,
+            STRIP_INPUT_BYTES,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_fused_in_strips(
+        &self,
+        x: &Tensor,
+        norm: Option<&GroupNorm>,
+        stride: usize,
+        padding: Padding,
+        upsample: bool,
+        residual: Option<&Tensor>,
+        strip_bytes: usize,
+    ) -> Result<Tensor> {
+        let Some(packed) = self.packed.as_ref().filter(|_| x.device().is_cpu()) else {
+            let mut h = match norm {
+                Some(norm) => self.forward_in_strips(
+                    &norm.forward(x, true)?,
+                    stride,
+                    padding,
+                    upsample,
+                    strip_bytes,
+                )?,
+                None => self.forward_in_strips(x, stride, padding, upsample, strip_bytes)?,
+            };
+            if let Some(residual) = residual {
+                h = (residual + h)?;
+            }
+            return Ok(h);
+        };
+        let input = x.to_dtype(DType::F32)?.contiguous()?;
+        let (batch, channels, height, width) = input.dims4()?;
+        let geometry = Geometry {
+            batch,
+            channels,
+            height,
+            width,
+            stride,
+            padding,
+            upsample,
+        };
+        // The residual is added in f32 only for f32 activations: a bf16 model adds the rounded
+        // convolution output to the bf16 residual, as the reference does.
+        let fused_residual = match residual {
+            Some(residual) if x.dtype() == DType::F32 => Some(residual.contiguous()?),
+            _ => None,
+        };
+        let (values, dims) = kernels::host_values(&input, |source| {
+            let coefficients =
+                norm.map(|norm| norm.coefficients(source, (batch, channels, height * width)));
+            let transform = coefficients.as_ref().map(|(scale, shift)| InputTransform {
+                scale,
+                shift,
+                swish: true,
+                round_to_bf16: x.dtype() == DType::BF16,
+            });
+            let run = |residual: Option<&[f32]>| {
+                direct::convolve(
+                    source,
+                    &geometry,
+                    packed,
+                    transform.as_ref(),
+                    residual,
+                    strip_bytes,
+                )
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "convolution input {geometry:?} does not fit its {}-channel kernel and residual",
+                        packed.out_channels()
+                    ))
+                    .into()
+                })
+            };
+            match &fused_residual {
+                Some(residual) => kernels::host_values(residual, |values| run(Some(values))),
+                None => run(None),
+            }
+        })?;
+        let y = self.narrow_output(Tensor::from_vec(values, dims.to_vec(), x.device())?)?;
+        Ok(match residual {
+            Some(residual) if fused_residual.is_none() => (residual + y)?,
+            _ => y,
+        })
+    }
+
+    /// [`Conv2d::forward`] with candle's convolution (the path off the CPU), with strips of
+    /// about `strip_bytes` of input each.
     fn forward_in_strips(
         &self,
         x: &Tensor,
@@ -216,13 +322,9 @@ impl Conv2d {
                     padding.right,
                 )?)?
                 .contiguous()?;
-            let y = if stride == 1 && strip.device().is_cpu() && strip.dtype() == DType::F32 {
-                kernels::shifted_convolution(&strip, &self.taps, &self.bias, kernel)?
-            } else {
-                strip
-                    .conv2d(&self.weight, 0, stride, 1, 1)?
-                    .broadcast_add(&bias)?
-            };
+            let y = strip
+                .conv2d(&self.weight, 0, stride, 1, 1)?
+                .broadcast_add(&bias)?;
             let y = self.narrow_output(y)?;
             if row == 0 && rows == out_height {
                 return Ok(y);
@@ -270,6 +372,23 @@ impl GroupNorm {
             num_groups,
             eps,
         })
+    }
+
+    /// One `(scale, shift)` per (batch, channel) of `input` (f32 values of `(batch, channels,
+    /// pixels)`) such that `input * scale + shift` is this GroupNorm's output.
+    pub fn coefficients(
+        &self,
+        input: &[f32],
+        shape: (usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>) {
+        kernels::group_norm_coefficients(
+            input,
+            shape,
+            &self.host_weight,
+            &self.host_bias,
+            self.num_groups,
+            self.eps,
+        )
     }
 
     /// Normalises `x` [b, c, h, w] per group (statistics in f32), then applies the affine
@@ -405,6 +524,22 @@ mod tests {
                 assert!(
                     difference < 1e-5,
                     "stride {stride} upsample {upsample} rows {rows}: {difference}"
+                );
+                let y = conv
+                    .forward_fused_in_strips(
+                        &x,
+                        None,
+                        stride,
+                        padding,
+                        upsample,
+                        None,
+                        rows * row_bytes,
+                    )
+                    .unwrap();
+                let difference = max_difference(&y, &expected);
+                assert!(
+                    difference < 1e-5,
+                    "direct: stride {stride} upsample {upsample} rows {rows}: {difference}"
                 );
             }
         }

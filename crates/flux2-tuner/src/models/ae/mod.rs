@@ -4,6 +4,7 @@
 mod blocks;
 mod config;
 mod decoder;
+mod direct;
 mod encoder;
 mod kernels;
 mod latents;
