@@ -50,41 +50,47 @@ impl AttentionShape {
 }
 
 pub(super) fn row_max(row: &[f32]) -> f32 {
-    vectorised(|| {
-        let mut lanes = [f32::NEG_INFINITY; 16];
-        let mut chunks = row.chunks_exact(16);
-        for chunk in &mut chunks {
-            for (lane, &v) in lanes.iter_mut().zip(chunk) {
-                *lane = lane.max(v);
+    vectorised(
+        #[inline(always)]
+        || {
+            let mut lanes = [f32::NEG_INFINITY; 16];
+            let mut chunks = row.chunks_exact(16);
+            for chunk in &mut chunks {
+                for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                    *lane = lane.max(v);
+                }
             }
-        }
-        let tail = chunks
-            .remainder()
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        lanes.iter().fold(tail, |m, &v| m.max(v))
-    })
+            let tail = chunks
+                .remainder()
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            lanes.iter().fold(tail, |m, &v| m.max(v))
+        },
+    )
 }
 
 /// Replaces `row` by `exp((row - max) scale)` and returns its sum (in 16 lane sums, so that the
 /// loop vectorises).
 pub(super) fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f32 {
-    vectorised(|| {
-        let mut lanes = [0f32; 16];
-        let mut chunks = row.chunks_exact_mut(16);
-        for chunk in &mut chunks {
-            for (lane, value) in lanes.iter_mut().zip(chunk.iter_mut()) {
-                *value = exp((*value - max) * scale);
-                *lane += *value;
+    vectorised(
+        #[inline(always)]
+        || {
+            let mut lanes = [0f32; 16];
+            let mut chunks = row.chunks_exact_mut(16);
+            for chunk in &mut chunks {
+                for (lane, value) in lanes.iter_mut().zip(chunk.iter_mut()) {
+                    *value = exp((*value - max) * scale);
+                    *lane += *value;
+                }
             }
-        }
-        let mut total = 0f32;
-        for value in chunks.into_remainder() {
-            *value = exp((*value - max) * scale);
-            total += *value;
-        }
-        total + lanes.iter().sum::<f32>()
-    })
+            let mut total = 0f32;
+            for value in chunks.into_remainder() {
+                *value = exp((*value - max) * scale);
+                total += *value;
+            }
+            total + lanes.iter().sum::<f32>()
+        },
+    )
 }
 
 /// Writes the output into `out` (columns `0 .. heads d` of each row) and returns the logsumexp
@@ -166,7 +172,10 @@ pub(super) fn forward_f32(
                 let max = row_max(row);
                 let total = exp_in_place(row, max, scale);
                 let inverse = 1.0 / total;
-                vectorised(|| row.iter_mut().for_each(|value| *value *= inverse));
+                vectorised(
+                    #[inline(always)]
+                    || row.iter_mut().for_each(|value| *value *= inverse),
+                );
                 // SAFETY: row `first + r` of pair `pair` belongs to this task only.
                 unsafe { lse_target.write(pair * length + first + r, max * scale + total.ln()) };
             }
@@ -220,13 +229,16 @@ pub(super) fn probabilities_in_place(
     logsumexp: &[f32],
     scale: f32,
 ) {
-    vectorised(|| {
-        for (row, &l) in scores.chunks_exact_mut(length).zip(logsumexp) {
-            for value in row.iter_mut() {
-                *value = exp(*value * scale - l);
+    vectorised(
+        #[inline(always)]
+        || {
+            for (row, &l) in scores.chunks_exact_mut(length).zip(logsumexp) {
+                for value in row.iter_mut() {
+                    *value = exp(*value * scale - l);
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// Turns `dP` `[rows, L]` into the score gradient `P (dP - delta)` (without the scale).
@@ -236,16 +248,19 @@ pub(super) fn score_gradient_in_place(
     length: usize,
     delta: &[f32],
 ) {
-    vectorised(|| {
-        let rows = probability_grad
-            .chunks_exact_mut(length)
-            .zip(probabilities.chunks_exact(length));
-        for ((g_row, p_row), &d) in rows.zip(delta) {
-            for (g, &p) in g_row.iter_mut().zip(p_row) {
-                *g = p * (*g - d);
+    vectorised(
+        #[inline(always)]
+        || {
+            let rows = probability_grad
+                .chunks_exact_mut(length)
+                .zip(probabilities.chunks_exact(length));
+            for ((g_row, p_row), &d) in rows.zip(delta) {
+                for (g, &p) in g_row.iter_mut().zip(p_row) {
+                    *g = p * (*g - d);
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// The gradients `(dq, dk, dv)`, each `[b, heads, L, d]`, from the output gradient `d_out`

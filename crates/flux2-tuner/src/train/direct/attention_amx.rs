@@ -28,26 +28,29 @@ fn product(a: &[bf16], rows: usize, k: usize, b: &PackedB, n: usize, out: &mut [
 fn transposed_bf16(values: &[f32], rows: usize, columns: usize) -> Vec<bf16> {
     const TILE: usize = 32;
     let mut out = vec![bf16::ZERO; rows * columns];
-    vectorised(|| {
-        for row_start in (0..rows).step_by(TILE) {
-            let row_end = (row_start + TILE).min(rows);
-            for column_start in (0..columns).step_by(TILE) {
-                let column_end = (column_start + TILE).min(columns);
-                // Rows are read whole into a transposed tile held in L1, then written whole.
-                let mut tile = [[bf16::ZERO; TILE]; TILE];
-                for r in row_start..row_end {
-                    let row = &values[r * columns + column_start..r * columns + column_end];
-                    for (c, &v) in row.iter().enumerate() {
-                        tile[c][r - row_start] = round_to_bf16(v);
+    vectorised(
+        #[inline(always)]
+        || {
+            for row_start in (0..rows).step_by(TILE) {
+                let row_end = (row_start + TILE).min(rows);
+                for column_start in (0..columns).step_by(TILE) {
+                    let column_end = (column_start + TILE).min(columns);
+                    // Rows are read whole into a transposed tile held in L1, then written whole.
+                    let mut tile = [[bf16::ZERO; TILE]; TILE];
+                    for r in row_start..row_end {
+                        let row = &values[r * columns + column_start..r * columns + column_end];
+                        for (c, &v) in row.iter().enumerate() {
+                            tile[c][r - row_start] = round_to_bf16(v);
+                        }
+                    }
+                    for (c, tile_row) in (column_start..column_end).zip(tile.iter()) {
+                        out[c * rows + row_start..c * rows + row_end]
+                            .copy_from_slice(&tile_row[..row_end - row_start]);
                     }
                 }
-                for (c, tile_row) in (column_start..column_end).zip(tile.iter()) {
-                    out[c * rows + row_start..c * rows + row_end]
-                        .copy_from_slice(&tile_row[..row_end - row_start]);
-                }
             }
-        }
-    });
+        },
+    );
     out
 }
 
@@ -116,11 +119,14 @@ pub(super) fn forward(
             let max = row_max(row);
             let total = exp_in_place(row, max, scale);
             let inverse = 1.0 / total;
-            vectorised(|| {
-                for (p, &value) in p_row.iter_mut().zip(row.iter()) {
-                    *p = round_to_bf16(value * inverse);
-                }
-            });
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (p, &value) in p_row.iter_mut().zip(row.iter()) {
+                        *p = round_to_bf16(value * inverse);
+                    }
+                },
+            );
             // SAFETY: row `first + r` of pair `pair` belongs to this task only.
             unsafe { lse_target.write(pair * length + first + r, max * scale + total.ln()) };
         }
@@ -217,12 +223,15 @@ pub(super) fn backward(
                     head_dim,
                     &mut keys_part,
                 );
-                vectorised(|| {
-                    dv_head
-                        .iter_mut()
-                        .zip(&keys_part)
-                        .for_each(|(a, b)| *a += b)
-                });
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        dv_head
+                            .iter_mut()
+                            .zip(&keys_part)
+                            .for_each(|(a, b)| *a += b)
+                    },
+                );
                 // dS = P (dO V^T - delta)
                 product(
                     d_block,
@@ -243,12 +252,15 @@ pub(super) fn backward(
                 let query_part = &mut query_part[..rows * head_dim];
                 product(&score_grad16, rows, length, &keys, head_dim, query_part);
                 let dq_block = &mut dq_head[first * head_dim..(first + rows) * head_dim];
-                vectorised(|| {
-                    dq_block
-                        .iter_mut()
-                        .zip(query_part.iter())
-                        .for_each(|(a, b)| *a = b * scale)
-                });
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        dq_block
+                            .iter_mut()
+                            .zip(query_part.iter())
+                            .for_each(|(a, b)| *a = b * scale)
+                    },
+                );
                 // dK += s dS^T Q
                 let score_grad_transposed = transposed_bf16(score_grad, rows, length);
                 let q_packed = PackedB::new(q_block, rows, head_dim, head_dim, 1);
@@ -260,12 +272,15 @@ pub(super) fn backward(
                     head_dim,
                     &mut keys_part,
                 );
-                vectorised(|| {
-                    dk_head
-                        .iter_mut()
-                        .zip(&keys_part)
-                        .for_each(|(a, b)| *a += b * scale)
-                });
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        dk_head
+                            .iter_mut()
+                            .zip(&keys_part)
+                            .for_each(|(a, b)| *a += b * scale)
+                    },
+                );
             }
         });
     (dq, dk, dv)

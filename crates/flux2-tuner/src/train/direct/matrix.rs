@@ -126,22 +126,28 @@ pub(super) fn multiply(
 /// `values` rounded to bf16.
 pub(super) fn to_bf16(values: &[f32]) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; values.len()];
-    vectorised(|| {
-        for (o, &v) in out.iter_mut().zip(values) {
-            *o = round_to_bf16(v);
-        }
-    });
+    vectorised(
+        #[inline(always)]
+        || {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = round_to_bf16(v);
+            }
+        },
+    );
     out
 }
 
 /// `values` rounded to the nearest bf16, kept as f32 (exact products of such values in f32 are
 /// the products AMX computes).
 pub(super) fn round_in_place(values: &mut [f32]) {
-    vectorised(|| {
-        for v in values.iter_mut() {
-            *v = round_to_bf16(*v).to_f32();
-        }
-    });
+    vectorised(
+        #[inline(always)]
+        || {
+            for v in values.iter_mut() {
+                *v = round_to_bf16(*v).to_f32();
+            }
+        },
+    );
 }
 
 /// A frozen base weight `[out, in]` (row-major) in host memory.
@@ -206,7 +212,10 @@ impl FrozenWeight<'_> {
                         &mut part,
                         in_features,
                     );
-                    vectorised(|| dx.iter_mut().zip(&part).for_each(|(d, p)| *d += p));
+                    vectorised(
+                        #[inline(always)]
+                        || dx.iter_mut().zip(&part).for_each(|(d, p)| *d += p),
+                    );
                 } else {
                     bf16_product(
                         dy,

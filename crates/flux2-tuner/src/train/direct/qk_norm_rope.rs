@@ -54,38 +54,42 @@ impl QkNormRope<'_> {
             .zip(v.par_chunks_mut(slab))
             .enumerate()
             .for_each(|(pair, ((q_slab, k_slab), v_slab))| {
-                vectorised(|| {
-                    let (sample, head) = (pair / self.heads, pair % self.heads);
-                    let mut normalised = vec![0f32; head_dim];
-                    for token in 0..self.length {
-                        let out = (self.token_offset + token) * head_dim;
-                        let table = self.table_offset(sample, token);
-                        let (cos, sin) = (
-                            &self.cos[table..table + half],
-                            &self.sin[table..table + half],
-                        );
-                        let part = |which: usize| {
-                            &projected[self.input_offset(sample, token, which, head)..][..head_dim]
-                        };
-                        for (which, scale, slab) in [
-                            (0, self.query_scale, &mut *q_slab),
-                            (1, self.key_scale, &mut *k_slab),
-                        ] {
-                            let input = part(which);
-                            let inverse = inverse_rms(input, self.eps);
-                            for ((n, x), s) in normalised.iter_mut().zip(input).zip(scale) {
-                                *n = x * inverse * s;
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let (sample, head) = (pair / self.heads, pair % self.heads);
+                        let mut normalised = vec![0f32; head_dim];
+                        for token in 0..self.length {
+                            let out = (self.token_offset + token) * head_dim;
+                            let table = self.table_offset(sample, token);
+                            let (cos, sin) = (
+                                &self.cos[table..table + half],
+                                &self.sin[table..table + half],
+                            );
+                            let part = |which: usize| {
+                                &projected[self.input_offset(sample, token, which, head)..]
+                                    [..head_dim]
+                            };
+                            for (which, scale, slab) in [
+                                (0, self.query_scale, &mut *q_slab),
+                                (1, self.key_scale, &mut *k_slab),
+                            ] {
+                                let input = part(which);
+                                let inverse = inverse_rms(input, self.eps);
+                                for ((n, x), s) in normalised.iter_mut().zip(input).zip(scale) {
+                                    *n = x * inverse * s;
+                                }
+                                let rotated = &mut slab[out..out + head_dim];
+                                for (j, (c, s)) in cos.iter().zip(sin).enumerate() {
+                                    let (a, b) = (normalised[2 * j], normalised[2 * j + 1]);
+                                    rotated[2 * j] = a * c - b * s;
+                                    rotated[2 * j + 1] = a * s + b * c;
+                                }
                             }
-                            let rotated = &mut slab[out..out + head_dim];
-                            for (j, (c, s)) in cos.iter().zip(sin).enumerate() {
-                                let (a, b) = (normalised[2 * j], normalised[2 * j + 1]);
-                                rotated[2 * j] = a * c - b * s;
-                                rotated[2 * j + 1] = a * s + b * c;
-                            }
+                            v_slab[out..out + head_dim].copy_from_slice(part(2));
                         }
-                        v_slab[out..out + head_dim].copy_from_slice(part(2));
-                    }
-                })
+                    },
+                )
             });
     }
 
@@ -105,52 +109,57 @@ impl QkNormRope<'_> {
             .par_chunks_mut(self.width * ROWS_PER_TASK)
             .enumerate()
             .for_each(|(task, d_rows)| {
-                vectorised(|| {
-                    let mut d_normalised = vec![0f32; head_dim];
-                    for (index, d_row) in d_rows.chunks_exact_mut(self.width).enumerate() {
-                        let row = task * ROWS_PER_TASK + index;
-                        let (sample, token) = (row / self.length, row % self.length);
-                        let table = self.table_offset(sample, token);
-                        let (cos, sin) = (
-                            &self.cos[table..table + half],
-                            &self.sin[table..table + half],
-                        );
-                        for head in 0..self.heads {
-                            let joint = ((sample * self.heads + head) * self.joint_length
-                                + self.token_offset
-                                + token)
-                                * head_dim;
-                            for (which, scale, d_joint) in
-                                [(0, self.query_scale, dq), (1, self.key_scale, dk)]
-                            {
-                                let d = &d_joint[joint..joint + head_dim];
-                                for (j, (c, s)) in cos.iter().zip(sin).enumerate() {
-                                    let (da, db) = (d[2 * j], d[2 * j + 1]);
-                                    d_normalised[2 * j] = (da * c + db * s) * scale[2 * j];
-                                    d_normalised[2 * j + 1] = (db * c - da * s) * scale[2 * j + 1];
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let mut d_normalised = vec![0f32; head_dim];
+                        for (index, d_row) in d_rows.chunks_exact_mut(self.width).enumerate() {
+                            let row = task * ROWS_PER_TASK + index;
+                            let (sample, token) = (row / self.length, row % self.length);
+                            let table = self.table_offset(sample, token);
+                            let (cos, sin) = (
+                                &self.cos[table..table + half],
+                                &self.sin[table..table + half],
+                            );
+                            for head in 0..self.heads {
+                                let joint = ((sample * self.heads + head) * self.joint_length
+                                    + self.token_offset
+                                    + token)
+                                    * head_dim;
+                                for (which, scale, d_joint) in
+                                    [(0, self.query_scale, dq), (1, self.key_scale, dk)]
+                                {
+                                    let d = &d_joint[joint..joint + head_dim];
+                                    for (j, (c, s)) in cos.iter().zip(sin).enumerate() {
+                                        let (da, db) = (d[2 * j], d[2 * j + 1]);
+                                        d_normalised[2 * j] = (da * c + db * s) * scale[2 * j];
+                                        d_normalised[2 * j + 1] =
+                                            (db * c - da * s) * scale[2 * j + 1];
+                                    }
+                                    let start = self.input_offset(sample, token, which, head);
+                                    let input = &projected[start..start + head_dim];
+                                    let inverse = inverse_rms(input, self.eps);
+                                    let dot = d_normalised
+                                        .iter()
+                                        .zip(input)
+                                        .map(|(g, x)| g * x * inverse)
+                                        .sum::<f32>()
+                                        / head_dim as f32;
+                                    let local = start - row * self.width;
+                                    let out = &mut d_row[local..local + head_dim];
+                                    for ((o, g), x) in out.iter_mut().zip(&d_normalised).zip(input)
+                                    {
+                                        *o = inverse * (g - x * inverse * dot);
+                                    }
                                 }
-                                let start = self.input_offset(sample, token, which, head);
-                                let input = &projected[start..start + head_dim];
-                                let inverse = inverse_rms(input, self.eps);
-                                let dot = d_normalised
-                                    .iter()
-                                    .zip(input)
-                                    .map(|(g, x)| g * x * inverse)
-                                    .sum::<f32>()
-                                    / head_dim as f32;
-                                let local = start - row * self.width;
-                                let out = &mut d_row[local..local + head_dim];
-                                for ((o, g), x) in out.iter_mut().zip(&d_normalised).zip(input) {
-                                    *o = inverse * (g - x * inverse * dot);
-                                }
+                                let local =
+                                    self.input_offset(sample, token, 2, head) - row * self.width;
+                                d_row[local..local + head_dim]
+                                    .copy_from_slice(&dv[joint..joint + head_dim]);
                             }
-                            let local =
-                                self.input_offset(sample, token, 2, head) - row * self.width;
-                            d_row[local..local + head_dim]
-                                .copy_from_slice(&dv[joint..joint + head_dim]);
                         }
-                    }
-                })
+                    },
+                )
             });
     }
 }

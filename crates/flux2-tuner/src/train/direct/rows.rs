@@ -16,11 +16,14 @@ fn for_each_row(out: &mut [f32], channels: usize, f: impl Fn(usize, &mut [f32]) 
     out.par_chunks_mut(channels * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, out_rows)| {
-            vectorised(|| {
-                for (index, out_row) in out_rows.chunks_exact_mut(channels).enumerate() {
-                    f(task * ROWS_PER_TASK + index, out_row);
-                }
-            })
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (index, out_row) in out_rows.chunks_exact_mut(channels).enumerate() {
+                        f(task * ROWS_PER_TASK + index, out_row);
+                    }
+                },
+            )
         });
 }
 
@@ -48,31 +51,34 @@ pub(super) fn modulate_forward(
         .zip(statistics.par_chunks_mut(ROWS_PER_TASK))
         .enumerate()
         .for_each(|(task, (out_rows, statistics))| {
-            vectorised(|| {
-                for (index, (out_row, statistic)) in out_rows
-                    .chunks_exact_mut(channels)
-                    .zip(statistics.iter_mut())
-                    .enumerate()
-                {
-                    let row = task * ROWS_PER_TASK + index;
-                    let input = &x[row * channels..(row + 1) * channels];
-                    let sample = row / rows_per_sample;
-                    let shift = &shift[sample * channels..(sample + 1) * channels];
-                    let scale = &scale[sample * channels..(sample + 1) * channels];
-                    let mean = input.iter().sum::<f32>() / channels as f32;
-                    let variance = input.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
-                        / channels as f32;
-                    let inverse_deviation = 1.0 / (variance + eps).sqrt();
-                    for c in 0..channels {
-                        let normalised = (input[c] - mean) * inverse_deviation;
-                        out_row[c] = normalised * (1.0 + scale[c]) + shift[c];
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (index, (out_row, statistic)) in out_rows
+                        .chunks_exact_mut(channels)
+                        .zip(statistics.iter_mut())
+                        .enumerate()
+                    {
+                        let row = task * ROWS_PER_TASK + index;
+                        let input = &x[row * channels..(row + 1) * channels];
+                        let sample = row / rows_per_sample;
+                        let shift = &shift[sample * channels..(sample + 1) * channels];
+                        let scale = &scale[sample * channels..(sample + 1) * channels];
+                        let mean = input.iter().sum::<f32>() / channels as f32;
+                        let variance = input.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
+                            / channels as f32;
+                        let inverse_deviation = 1.0 / (variance + eps).sqrt();
+                        for c in 0..channels {
+                            let normalised = (input[c] - mean) * inverse_deviation;
+                            out_row[c] = normalised * (1.0 + scale[c]) + shift[c];
+                        }
+                        *statistic = RowStatistics {
+                            mean,
+                            inverse_deviation,
+                        };
                     }
-                    *statistic = RowStatistics {
-                        mean,
-                        inverse_deviation,
-                    };
-                }
-            })
+                },
+            )
         });
     (out, statistics)
 }
@@ -91,33 +97,36 @@ pub(super) fn modulate_backward(
     dx.par_chunks_mut(channels * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, dx_rows)| {
-            vectorised(|| {
-                let mut scaled = vec![0f32; channels];
-                for (index, dx_row) in dx_rows.chunks_exact_mut(channels).enumerate() {
-                    let row = task * ROWS_PER_TASK + index;
-                    let range = row * channels..(row + 1) * channels;
-                    let (input, gradient) = (&x[range.clone()], &dy[range]);
-                    let sample = row / rows_per_sample;
-                    let scale = &scale[sample * channels..(sample + 1) * channels];
-                    let RowStatistics {
-                        mean,
-                        inverse_deviation,
-                    } = statistics[row];
-                    let (mut sum, mut dot) = (0f32, 0f32);
-                    for c in 0..channels {
-                        let g = gradient[c] * (1.0 + scale[c]);
-                        scaled[c] = g;
-                        sum += g;
-                        dot += g * (input[c] - mean) * inverse_deviation;
+            vectorised(
+                #[inline(always)]
+                || {
+                    let mut scaled = vec![0f32; channels];
+                    for (index, dx_row) in dx_rows.chunks_exact_mut(channels).enumerate() {
+                        let row = task * ROWS_PER_TASK + index;
+                        let range = row * channels..(row + 1) * channels;
+                        let (input, gradient) = (&x[range.clone()], &dy[range]);
+                        let sample = row / rows_per_sample;
+                        let scale = &scale[sample * channels..(sample + 1) * channels];
+                        let RowStatistics {
+                            mean,
+                            inverse_deviation,
+                        } = statistics[row];
+                        let (mut sum, mut dot) = (0f32, 0f32);
+                        for c in 0..channels {
+                            let g = gradient[c] * (1.0 + scale[c]);
+                            scaled[c] = g;
+                            sum += g;
+                            dot += g * (input[c] - mean) * inverse_deviation;
+                        }
+                        let (mean_g, mean_gn) = (sum / channels as f32, dot / channels as f32);
+                        for c in 0..channels {
+                            let normalised = (input[c] - mean) * inverse_deviation;
+                            dx_row[c] +=
+                                inverse_deviation * (scaled[c] - mean_g - normalised * mean_gn);
+                        }
                     }
-                    let (mean_g, mean_gn) = (sum / channels as f32, dot / channels as f32);
-                    for c in 0..channels {
-                        let normalised = (input[c] - mean) * inverse_deviation;
-                        dx_row[c] +=
-                            inverse_deviation * (scaled[c] - mean_g - normalised * mean_gn);
-                    }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -130,15 +139,20 @@ pub(super) fn gated_add(
     rows_per_sample: usize,
 ) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    for_each_row(&mut out, channels, |row, out_row| {
-        let sample = row / rows_per_sample;
-        let gate = &gate[sample * channels..(sample + 1) * channels];
-        let range = row * channels..(row + 1) * channels;
-        let (a, b) = (&x[range.clone()], &y[range]);
-        for c in 0..channels {
-            out_row[c] = a[c] + gate[c] * b[c];
-        }
-    });
+    for_each_row(
+        &mut out,
+        channels,
+        #[inline(always)]
+        |row, out_row| {
+            let sample = row / rows_per_sample;
+            let gate = &gate[sample * channels..(sample + 1) * channels];
+            let range = row * channels..(row + 1) * channels;
+            let (a, b) = (&x[range.clone()], &y[range]);
+            for c in 0..channels {
+                out_row[c] = a[c] + gate[c] * b[c];
+            }
+        },
+    );
     out
 }
 
@@ -150,14 +164,19 @@ pub(super) fn gated(
     rows_per_sample: usize,
 ) -> Vec<f32> {
     let mut out = vec![0f32; d_out.len()];
-    for_each_row(&mut out, channels, |row, out_row| {
-        let sample = row / rows_per_sample;
-        let gate = &gate[sample * channels..(sample + 1) * channels];
-        let d = &d_out[row * channels..(row + 1) * channels];
-        for c in 0..channels {
-            out_row[c] = gate[c] * d[c];
-        }
-    });
+    for_each_row(
+        &mut out,
+        channels,
+        #[inline(always)]
+        |row, out_row| {
+            let sample = row / rows_per_sample;
+            let gate = &gate[sample * channels..(sample + 1) * channels];
+            let d = &d_out[row * channels..(row + 1) * channels];
+            for c in 0..channels {
+                out_row[c] = gate[c] * d[c];
+            }
+        },
+    );
     out
 }
 
@@ -187,18 +206,21 @@ pub(super) fn swiglu_forward(
     out.par_chunks_mut(out_stride * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, out_rows)| {
-            vectorised(|| {
-                for (index, out_row) in out_rows.chunks_mut(out_stride).enumerate() {
-                    let row = task * ROWS_PER_TASK + index;
-                    let start = row * columns.stride + columns.column;
-                    let a = &input[start..start + width];
-                    let b = &input[start + width..start + 2 * width];
-                    let out_row = &mut out_row[out_column..out_column + width];
-                    for j in 0..width {
-                        out_row[j] = a[j] * sigmoid(a[j]) * b[j];
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (index, out_row) in out_rows.chunks_mut(out_stride).enumerate() {
+                        let row = task * ROWS_PER_TASK + index;
+                        let start = row * columns.stride + columns.column;
+                        let a = &input[start..start + width];
+                        let b = &input[start + width..start + 2 * width];
+                        let out_row = &mut out_row[out_column..out_column + width];
+                        for j in 0..width {
+                            out_row[j] = a[j] * sigmoid(a[j]) * b[j];
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -218,22 +240,25 @@ pub(super) fn swiglu_backward(
         .par_chunks_mut(columns.stride * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, d_rows)| {
-            vectorised(|| {
-                for (index, d_row) in d_rows.chunks_mut(columns.stride).enumerate() {
-                    let row = task * ROWS_PER_TASK + index;
-                    let start = row * columns.stride + columns.column;
-                    let a = &input[start..start + width];
-                    let b = &input[start + width..start + 2 * width];
-                    let d = &d_out[row * d_stride + d_column..][..width];
-                    let (d_a, d_b) =
-                        d_row[columns.column..columns.column + 2 * width].split_at_mut(width);
-                    for j in 0..width {
-                        let s = sigmoid(a[j]);
-                        d_a[j] = d[j] * b[j] * s * (1.0 + a[j] * (1.0 - s));
-                        d_b[j] = d[j] * a[j] * s;
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (index, d_row) in d_rows.chunks_mut(columns.stride).enumerate() {
+                        let row = task * ROWS_PER_TASK + index;
+                        let start = row * columns.stride + columns.column;
+                        let a = &input[start..start + width];
+                        let b = &input[start + width..start + 2 * width];
+                        let d = &d_out[row * d_stride + d_column..][..width];
+                        let (d_a, d_b) =
+                            d_row[columns.column..columns.column + 2 * width].split_at_mut(width);
+                        for j in 0..width {
+                            let s = sigmoid(a[j]);
+                            d_a[j] = d[j] * b[j] * s * (1.0 + a[j] * (1.0 - s));
+                            d_b[j] = d[j] * a[j] * s;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
