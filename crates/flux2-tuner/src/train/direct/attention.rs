@@ -93,19 +93,45 @@ pub(super) fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f32 {
     )
 }
 
-/// Writes the output into `out` (columns `0 .. heads d` of each row) and returns the logsumexp
-/// `[b, heads, L]` of the scaled scores; on AMX tiles for bf16 products when available.
+/// What the forward keeps for the backward.
+pub(super) struct AttentionSaved {
+    /// `[b, heads, L]`, of the scaled scores.
+    pub logsumexp: Vec<f32>,
+    /// `[b, heads, L, L]` when kept (short sequences, see `StepContext::keep_probabilities`);
+    /// otherwise the backward recomputes them from q, k and the logsumexp.
+    pub probabilities: Option<Vec<f32>>,
+}
+
+impl AttentionSaved {
+    /// Query rows `first .. first + rows` of pair `pair`, when kept.
+    pub(super) fn block(
+        &self,
+        pair: usize,
+        first: usize,
+        rows: usize,
+        length: usize,
+    ) -> Option<&[f32]> {
+        let start = (pair * length + first) * length;
+        self.probabilities
+            .as_ref()
+            .map(|p| &p[start..start + rows * length])
+    }
+}
+
+/// Writes the output into `out` (columns `0 .. heads d` of each row); on AMX tiles for bf16
+/// products when available.
 pub(super) fn forward(
     shape: AttentionShape,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     out: &mut [f32],
-) -> Vec<f32> {
+    keep_probabilities: bool,
+) -> AttentionSaved {
     if shape.round_products && super::attention_amx::available() {
-        return super::attention_amx::forward(shape, q, k, v, out);
+        return super::attention_amx::forward(shape, q, k, v, out, keep_probabilities);
     }
-    forward_f32(shape, q, k, v, out)
+    forward_f32(shape, q, k, v, out, keep_probabilities)
 }
 
 /// The gradients of [`forward`] (see [`backward_f32`]).
@@ -116,25 +142,63 @@ pub(super) fn backward(
     k: &[f32],
     v: &[f32],
     out: &[f32],
-    logsumexp: &[f32],
+    saved: &AttentionSaved,
     d_out: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     if shape.round_products && super::attention_amx::available() {
-        return super::attention_amx::backward(shape, q, k, v, out, logsumexp, d_out);
+        return super::attention_amx::backward(shape, q, k, v, out, saved, d_out);
     }
-    backward_f32(shape, q, k, v, out, logsumexp, d_out)
+    backward_f32(shape, q, k, v, out, saved, d_out)
+}
+
+/// A `[b, heads, L, L]` buffer for the probabilities when they are kept, and a pointer that the
+/// forward's tasks write their disjoint rows through.
+pub(super) fn probability_store(
+    shape: AttentionShape,
+    keep: bool,
+) -> (Option<Vec<f32>>, SharedOutput<f32>) {
+    let mut store =
+        keep.then(|| vec![0f32; shape.batch * shape.heads * shape.length * shape.length]);
+    let pointer = SharedOutput(
+        store
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |s| s.as_mut_ptr()),
+    );
+    (store, pointer)
+}
+
+/// Copies one normalised probability row into the store (no-op without one).
+///
+/// # Safety
+/// `target` comes from [`probability_store`] for `shape`, and no other task writes this row.
+#[inline(always)]
+pub(super) unsafe fn keep_row(
+    target: SharedOutput<f32>,
+    shape: AttentionShape,
+    pair: usize,
+    row: usize,
+    values: &[f32],
+) {
+    if target.pointer().is_null() {
+        return;
+    }
+    let start = (pair * shape.length + row) * shape.length;
+    // SAFETY: in bounds of the `[b, heads, L, L]` store, written by this task only (caller).
+    unsafe {
+        std::ptr::copy_nonoverlapping(values.as_ptr(), target.pointer().add(start), shape.length)
+    };
 }
 
 /// [`forward`] with f32 `gemm` products (of bf16-rounded operands with `round_products`):
-/// writes the output into `out` (columns `0 .. heads d` of each row) and returns the logsumexp
-/// `[b, heads, L]` of the scaled scores.
+/// writes the output into `out` (columns `0 .. heads d` of each row).
 pub(super) fn forward_f32(
     shape: AttentionShape,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     out: &mut [f32],
-) -> Vec<f32> {
+    keep_probabilities: bool,
+) -> AttentionSaved {
     let AttentionShape {
         length, head_dim, ..
     } = shape;
@@ -146,6 +210,7 @@ pub(super) fn forward_f32(
     let out_len = out.len();
     // Tasks are (pair, block); their logsumexp rows are disjoint, as are their output rows.
     let lse_target = SharedOutput(logsumexp.as_mut_ptr());
+    let (probabilities, kept) = probability_store(shape, keep_probabilities);
     (0..pairs * shape.blocks())
         .into_par_iter()
         .for_each(|task| {
@@ -177,7 +242,10 @@ pub(super) fn forward_f32(
                     || row.iter_mut().for_each(|value| *value *= inverse),
                 );
                 // SAFETY: row `first + r` of pair `pair` belongs to this task only.
-                unsafe { lse_target.write(pair * length + first + r, max * scale + total.ln()) };
+                unsafe {
+                    lse_target.write(pair * length + first + r, max * scale + total.ln());
+                    keep_row(kept, shape, pair, first + r, row);
+                }
             }
             if shape.round_products {
                 round_in_place(&mut scores);
@@ -199,7 +267,10 @@ pub(super) fn forward_f32(
                 false,
             );
         });
-    logsumexp
+    AttentionSaved {
+        logsumexp,
+        probabilities,
+    }
 }
 
 /// One head's output gradient gathered to `[L, d]`, and `delta = rowsum(dO * O)` per query row.
@@ -274,7 +345,7 @@ pub(super) fn backward_f32(
     k: &[f32],
     v: &[f32],
     out: &[f32],
-    logsumexp: &[f32],
+    saved: &AttentionSaved,
     d_out: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let AttentionShape {
@@ -299,7 +370,14 @@ pub(super) fn backward_f32(
             if shape.round_products {
                 round_in_place(&mut d_head);
             }
-            let mut probabilities = vec![0f32; BLOCK_ROWS * length];
+            let mut probability_buffer = vec![
+                0f32;
+                if saved.probabilities.is_some() {
+                    0
+                } else {
+                    BLOCK_ROWS * length
+                }
+            ];
             let mut rounded = vec![
                 0f32;
                 if shape.round_products {
@@ -312,20 +390,26 @@ pub(super) fn backward_f32(
             for block in 0..shape.blocks() {
                 let first = block * BLOCK_ROWS;
                 let rows = (length - first).min(BLOCK_ROWS);
-                let probabilities = &mut probabilities[..rows * length];
                 let score_grad = &mut score_grad[..rows * length];
                 let q_block = Matrix::rows(&q_head[first * head_dim..], rows, head_dim);
                 let d_block = Matrix::rows(&d_head[first * head_dim..], rows, head_dim);
-                multiply(
-                    probabilities,
-                    length,
-                    q_block,
-                    Matrix::rows(k_head, length, head_dim).t(),
-                    1.0,
-                    false,
-                );
-                let lse = &logsumexp[pair * length + first..pair * length + first + rows];
-                probabilities_in_place(probabilities, length, lse, scale);
+                let probabilities: &[f32] = match saved.block(pair, first, rows, length) {
+                    Some(kept) => kept,
+                    None => {
+                        let buffer = &mut probability_buffer[..rows * length];
+                        multiply(
+                            buffer,
+                            length,
+                            q_block,
+                            Matrix::rows(k_head, length, head_dim).t(),
+                            1.0,
+                            false,
+                        );
+                        let lse = &saved.logsumexp[pair * length + first..][..rows];
+                        probabilities_in_place(buffer, length, lse, scale);
+                        buffer
+                    }
+                };
                 let p_for_products: &[f32] = if shape.round_products {
                     let rounded = &mut rounded[..rows * length];
                     rounded.copy_from_slice(probabilities);
@@ -445,7 +529,7 @@ mod tests {
             random(size, 3, 1.0),
         );
         let mut out = vec![5f32; shape.batch * shape.length * shape.out_stride];
-        forward(shape, &q, &k, &v, &mut out);
+        let saved = forward(shape, &q, &k, &v, &mut out, true);
         for pair in 0..shape.batch * shape.heads {
             let range = pair * shape.head()..(pair + 1) * shape.head();
             let want = naive_head(
@@ -459,6 +543,11 @@ mod tests {
             for (g, w) in got.iter().zip(&want) {
                 assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
             }
+        }
+        // Kept probabilities are rows of a softmax.
+        let probabilities = saved.probabilities.expect("kept");
+        for row in probabilities.chunks(shape.length) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         }
         // The padding columns of each output row are untouched.
         assert!(out
@@ -478,17 +567,41 @@ mod tests {
         let weights = random(shape.batch * shape.length * shape.out_stride, 7, 1.0);
         let objective = |inputs: &[Vec<f32>]| -> f64 {
             let mut out = vec![0f32; weights.len()];
-            forward(shape, &inputs[0], &inputs[1], &inputs[2], &mut out);
+            forward(shape, &inputs[0], &inputs[1], &inputs[2], &mut out, false);
             (0..shape.batch * shape.length)
                 .flat_map(|row| (0..16).map(move |c| row * shape.out_stride + c))
                 .map(|i| out[i] as f64 * weights[i] as f64)
                 .sum()
         };
         let mut out = vec![0f32; weights.len()];
-        let lse = forward(shape, &inputs[0], &inputs[1], &inputs[2], &mut out);
+        let saved = forward(shape, &inputs[0], &inputs[1], &inputs[2], &mut out, false);
         let grads = backward(
-            shape, &inputs[0], &inputs[1], &inputs[2], &out, &lse, &weights,
+            shape, &inputs[0], &inputs[1], &inputs[2], &out, &saved, &weights,
         );
+        // With the probabilities kept instead of recomputed: the same gradients.
+        let mut out_kept = vec![0f32; weights.len()];
+        let kept = forward(
+            shape,
+            &inputs[0],
+            &inputs[1],
+            &inputs[2],
+            &mut out_kept,
+            true,
+        );
+        assert_eq!(out_kept, out);
+        assert!(kept.probabilities.is_some() && saved.probabilities.is_none());
+        let from_kept = backward(
+            shape, &inputs[0], &inputs[1], &inputs[2], &out, &kept, &weights,
+        );
+        for (a, b) in [
+            (&from_kept.0, &grads.0),
+            (&from_kept.1, &grads.1),
+            (&from_kept.2, &grads.2),
+        ] {
+            for (x, y) in a.iter().zip(b.iter()) {
+                assert!((x - y).abs() < 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
         let grads = [grads.0, grads.1, grads.2];
         let step = 1e-2f32;
         for (which, grad) in grads.iter().enumerate() {

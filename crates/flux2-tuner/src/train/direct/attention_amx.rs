@@ -8,8 +8,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::attention::{
-    exp_in_place, head_gradient_and_delta, probabilities_in_place, row_max,
-    score_gradient_in_place, AttentionShape, BLOCK_ROWS,
+    exp_in_place, head_gradient_and_delta, keep_row, probabilities_in_place, probability_store,
+    row_max, score_gradient_in_place, AttentionSaved, AttentionShape, BLOCK_ROWS,
 };
 use super::matrix::to_bf16;
 use crate::nn::amx::{self, PackedB};
@@ -72,7 +72,8 @@ pub(super) fn forward(
     k: &[f32],
     v: &[f32],
     out: &mut [f32],
-) -> Vec<f32> {
+    keep_probabilities: bool,
+) -> AttentionSaved {
     let AttentionShape {
         length, head_dim, ..
     } = shape;
@@ -93,6 +94,7 @@ pub(super) fn forward(
         .collect();
     let mut logsumexp = vec![0f32; pairs * length];
     let lse_target = SharedOutput(logsumexp.as_mut_ptr());
+    let (kept_probabilities, kept) = probability_store(shape, keep_probabilities);
     let out_target = SharedOutput(out.as_mut_ptr());
     let out_len = out.len();
     (0..pairs * blocks).into_par_iter().for_each(|task| {
@@ -122,13 +124,17 @@ pub(super) fn forward(
             vectorised(
                 #[inline(always)]
                 || {
-                    for (p, &value) in p_row.iter_mut().zip(row.iter()) {
-                        *p = round_to_bf16(value * inverse);
+                    for (p, value) in p_row.iter_mut().zip(row.iter_mut()) {
+                        *value *= inverse;
+                        *p = round_to_bf16(*value);
                     }
                 },
             );
             // SAFETY: row `first + r` of pair `pair` belongs to this task only.
-            unsafe { lse_target.write(pair * length + first + r, max * scale + total.ln()) };
+            unsafe {
+                lse_target.write(pair * length + first + r, max * scale + total.ln());
+                keep_row(kept, shape, pair, first + r, row);
+            }
         }
         let mut block_out = vec![0f32; rows * head_dim];
         product(
@@ -153,7 +159,10 @@ pub(super) fn forward(
             }
         }
     });
-    logsumexp
+    AttentionSaved {
+        logsumexp,
+        probabilities: kept_probabilities,
+    }
 }
 
 /// As [`super::attention::backward`].
@@ -164,7 +173,7 @@ pub(super) fn backward(
     k: &[f32],
     v: &[f32],
     out: &[f32],
-    logsumexp: &[f32],
+    saved: &AttentionSaved,
     d_out: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let AttentionShape {
@@ -191,27 +200,33 @@ pub(super) fn backward(
             // This head's output gradient, gathered `[L, d]`, and rowsum(dO * O).
             let (d_head, delta) = head_gradient_and_delta(shape, pair, out, d_out);
             let d16 = to_bf16(&d_head);
-            let mut probabilities = vec![0f32; BLOCK_ROWS * length];
+            let mut probability_buffer = vec![
+                0f32;
+                if saved.probabilities.is_some() {
+                    0
+                } else {
+                    BLOCK_ROWS * length
+                }
+            ];
             let mut score_grad = vec![0f32; BLOCK_ROWS * length];
             let mut keys_part = vec![0f32; length * head_dim];
             let mut query_part = vec![0f32; BLOCK_ROWS * head_dim];
             for block in 0..length.div_ceil(BLOCK_ROWS) {
                 let first = block * BLOCK_ROWS;
                 let rows = (length - first).min(BLOCK_ROWS);
-                let probabilities = &mut probabilities[..rows * length];
                 let score_grad = &mut score_grad[..rows * length];
                 let q_block = &q16[first * head_dim..(first + rows) * head_dim];
                 let d_block = &d16[first * head_dim..(first + rows) * head_dim];
-                product(
-                    q_block,
-                    rows,
-                    head_dim,
-                    &keys_transposed,
-                    length,
-                    probabilities,
-                );
-                let lse = &logsumexp[pair * length + first..pair * length + first + rows];
-                probabilities_in_place(probabilities, length, lse, scale);
+                let probabilities: &[f32] = match saved.block(pair, first, rows, length) {
+                    Some(kept) => kept,
+                    None => {
+                        let buffer = &mut probability_buffer[..rows * length];
+                        product(q_block, rows, head_dim, &keys_transposed, length, buffer);
+                        let lse = &saved.logsumexp[pair * length + first..][..rows];
+                        probabilities_in_place(buffer, length, lse, scale);
+                        buffer
+                    }
+                };
                 // dV += P^T dO
                 let p_transposed = transposed_bf16(probabilities, rows, length);
                 let d_packed = PackedB::new(d_block, rows, head_dim, head_dim, 1);
@@ -328,15 +343,29 @@ mod tests {
         let rows = shape.batch * shape.length * shape.out_stride;
         let d_out = random(rows, 4, 1.0);
         let (mut out_amx, mut out_f32) = (vec![0f32; rows], vec![0f32; rows]);
-        let lse_amx = forward(shape, &q, &k, &v, &mut out_amx);
-        let lse_f32 = attention::forward_f32(shape, &q, &k, &v, &mut out_f32);
+        let lse_amx = forward(shape, &q, &k, &v, &mut out_amx, false).logsumexp;
+        let saved = attention::forward_f32(shape, &q, &k, &v, &mut out_f32, false);
+        let lse_f32 = saved.logsumexp.clone();
         assert!(relative(&out_amx, &out_f32) < 1e-5);
         assert!(relative(&lse_amx, &lse_f32) < 1e-6);
-        let amx = backward(shape, &q, &k, &v, &out_f32, &lse_f32, &d_out);
-        let f32 = attention::backward_f32(shape, &q, &k, &v, &out_f32, &lse_f32, &d_out);
+        let amx = backward(shape, &q, &k, &v, &out_f32, &saved, &d_out);
+        let f32 = attention::backward_f32(shape, &q, &k, &v, &out_f32, &saved, &d_out);
         for (a, b) in [(&amx.0, &f32.0), (&amx.1, &f32.1), (&amx.2, &f32.2)] {
             let error = relative(a, b);
             assert!(error < 1e-5, "{error}");
+        }
+        // The probabilities kept by the forward instead of recomputed: they come from the
+        // forward's score tiles, whose f32 sums run in another order than the f32 path's.
+        let mut out_kept = vec![0f32; rows];
+        let kept = forward(shape, &q, &k, &v, &mut out_kept, true);
+        let from_kept = backward(shape, &q, &k, &v, &out_f32, &kept, &d_out);
+        for (a, b) in [
+            (&from_kept.0, &f32.0),
+            (&from_kept.1, &f32.1),
+            (&from_kept.2, &f32.2),
+        ] {
+            let error = relative(a, b);
+            assert!(error < 1e-4, "kept probabilities: {error}");
         }
     }
 }

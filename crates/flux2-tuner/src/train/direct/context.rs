@@ -58,10 +58,38 @@ pub(super) struct StepContext {
     pub single_mod: Modulation,
     /// bf16 mixed precision: the attention products use bf16 operands.
     pub round_products: bool,
+    /// Whether the attention forward keeps its probabilities for the backward (see
+    /// [`keeps_probabilities`]).
+    pub keep_probabilities: bool,
+}
+
+/// At most this many bytes of attention probabilities are kept for the backward at once.
+const PROBABILITY_BUDGET: usize = 512 << 20;
+
+/// Whether the attention probabilities of `kept_blocks` blocks at once fit the budget: then the
+/// backward reads them instead of recomputing `q k^T` and its exponentials (a fifth of the
+/// attention backward; 3-4 % of an f32 step of the mid-size benchmark). Short sequences only:
+/// they grow with the square of the tokens (a 1024 x 1024 image of klein-4B would need 1.9 GiB
+/// per block). With bf16 products the recompute runs on AMX tiles and costs no more than writing
+/// and reading back the probabilities (measured), so they are not kept there.
+pub(super) fn keeps_probabilities(
+    batch: usize,
+    heads: usize,
+    length: usize,
+    kept_blocks: usize,
+) -> bool {
+    batch * heads * length * length * 4 * kept_blocks.max(1) <= PROBABILITY_BUDGET
 }
 
 impl StepContext {
-    pub fn new(prepared: &Prepared, heads: usize, round_products: bool) -> Result<Self> {
+    /// `kept_blocks`: how many blocks' tapes exist at once (all blocks, or one with
+    /// checkpointing).
+    pub fn new(
+        prepared: &Prepared,
+        heads: usize,
+        round_products: bool,
+        kept_blocks: usize,
+    ) -> Result<Self> {
         let (batch, text_length, hidden) = prepared.txt.dims3()?;
         let image_length = prepared.img.dim(1)?;
         let table_batch = prepared.rope.cos.dim(0)?;
@@ -89,6 +117,8 @@ impl StepContext {
             txt_mod: pair(&prepared.txt_mod)?,
             single_mod: Modulation::of(&prepared.single_mod[0])?,
             round_products,
+            keep_probabilities: !round_products
+                && keeps_probabilities(batch, heads, text_length + image_length, kept_blocks),
         })
     }
 

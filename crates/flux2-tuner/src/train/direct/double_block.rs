@@ -6,7 +6,7 @@
 //! `x1 = x + gate0 proj(attn)`, `m1 = modulate1(x1)`, `h = mlp.0(m1)`, `a = swiglu(h)`,
 //! `y = x1 + gate1 mlp.2(a)`.
 
-use super::attention;
+use super::attention::{self, AttentionSaved};
 use super::context::{norm_scales, Modulation, StepContext, Stream, NORM_EPS};
 use super::linear::{self, Gradients, LinearSaved};
 use super::matrix::round_in_place;
@@ -43,7 +43,7 @@ pub(super) struct DoubleTape {
     v: Vec<f32>,
     /// Attention output, joint `[b * L, hidden]`.
     out: Vec<f32>,
-    logsumexp: Vec<f32>,
+    attention: AttentionSaved,
 }
 
 /// The parts of a stream before the attention.
@@ -120,7 +120,14 @@ pub(super) fn forward(
         }
     }
     let mut out = vec![0f32; context.joint_rows() * hidden];
-    let logsumexp = attention::forward(context.attention(hidden), &q, &k, &v, &mut out);
+    let attention = attention::forward(
+        context.attention(hidden),
+        &q,
+        &k,
+        &v,
+        &mut out,
+        context.keep_probabilities,
+    );
 
     let mut outputs = Vec::with_capacity(2);
     let mut tapes = Vec::with_capacity(2);
@@ -205,7 +212,7 @@ pub(super) fn forward(
         k,
         v,
         out,
-        logsumexp,
+        attention,
     };
     Ok((img_out, txt_out, tape))
 }
@@ -313,7 +320,7 @@ pub(super) fn backward(
         &tape.k,
         &tape.v,
         &tape.out,
-        &tape.logsumexp,
+        &tape.attention,
         &d_out,
     );
     let mut input_grads = Vec::with_capacity(2);

@@ -84,7 +84,9 @@ pub fn forward_backward(
     tail: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(f32, Vec<Option<Tensor>>)> {
     let round_products = dit.dtype == DType::BF16;
-    let context = StepContext::new(prepared, dit.config.num_heads, round_products)?;
+    let blocks = dit.double_blocks.len() + dit.single_blocks.len();
+    let kept_blocks = if checkpointing { 1 } else { blocks };
+    let context = StepContext::new(prepared, dit.config.num_heads, round_products, kept_blocks)?;
     let hidden = context.hidden;
     let mut gradients = Gradients::new(parameters);
     let (mut img, mut txt) = (values(&prepared.img)?, values(&prepared.txt)?);

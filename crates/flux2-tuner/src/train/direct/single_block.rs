@@ -2,7 +2,7 @@
 //! `m = modulate(x)`, `p = linear1(m)` = `[q | k | v | mlp_in]`, joint attention,
 //! `j = [attention | swiglu(mlp_in)]`, `y = x + gate linear2(j)`.
 
-use super::attention;
+use super::attention::{self, AttentionSaved};
 use super::context::{norm_scales, StepContext, NORM_EPS};
 use super::linear::{self, Gradients, LinearSaved};
 use super::matrix::round_in_place;
@@ -23,7 +23,7 @@ pub(super) struct SingleTape {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    logsumexp: Vec<f32>,
+    attention: AttentionSaved,
     /// `linear2`'s input `[rows, hidden + mlp]`: the attention output, then the SwiGLU.
     joined: Vec<f32>,
     linear2_saved: LinearSaved,
@@ -87,7 +87,14 @@ pub(super) fn forward(
         }
     }
     let mut joined = vec![0f32; rows * widths.joined];
-    let logsumexp = attention::forward(context.attention(widths.joined), &q, &k, &v, &mut joined);
+    let attention = attention::forward(
+        context.attention(widths.joined),
+        &q,
+        &k,
+        &v,
+        &mut joined,
+        context.keep_probabilities,
+    );
     swiglu_forward(
         &projected,
         swiglu_columns(context, &widths),
@@ -109,7 +116,7 @@ pub(super) fn forward(
             q,
             k,
             v,
-            logsumexp,
+            attention,
             joined,
             linear2_saved,
         },
@@ -147,7 +154,7 @@ pub(super) fn backward(
         &tape.k,
         &tape.v,
         &tape.joined,
-        &tape.logsumexp,
+        &tape.attention,
         &d_joined,
     );
     let mut d_projected = vec![0f32; rows * widths.projected];
