@@ -56,6 +56,20 @@ pub fn round_to_bf16(value: f32) -> bf16 {
     bf16::from_bits(result)
 }
 
+/// `values` rounded to bf16 (to nearest even).
+pub fn rounded_to_bf16(values: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; values.len()];
+    crate::nn::host::vectorised(
+        #[inline(always)]
+        || {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = round_to_bf16(v);
+            }
+        },
+    );
+    out
+}
+
 impl Element for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {

@@ -8,21 +8,8 @@ use half::bf16;
 
 use crate::nn::amx::{self, PackedB};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::vectorised;
 
-/// `values` rounded to bf16 (to nearest even).
-pub(super) fn rounded(values: &[f32]) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; values.len()];
-    vectorised(
-        #[inline(always)]
-        || {
-            for (o, &v) in out.iter_mut().zip(values) {
-                *o = round_to_bf16(v);
-            }
-        },
-    );
-    out
-}
+pub(super) use crate::nn::fused::rounded_to_bf16 as rounded;
 
 /// Rounds an f32 CPU tensor of `batch` matrices `[rows, columns]` to bf16, in the layout given by
 /// `transposed`: `false`, row-major as the tensor reads; `true`, each matrix transposed (row-major

@@ -123,19 +123,7 @@ pub(super) fn multiply(
     }
 }
 
-/// `values` rounded to bf16.
-pub(super) fn to_bf16(values: &[f32]) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; values.len()];
-    vectorised(
-        #[inline(always)]
-        || {
-            for (o, &v) in out.iter_mut().zip(values) {
-                *o = round_to_bf16(v);
-            }
-        },
-    );
-    out
-}
+pub(super) use crate::nn::fused::rounded_to_bf16 as to_bf16;
 
 /// `values` rounded to the nearest bf16, kept as f32 (exact products of such values in f32 are
 /// the products AMX computes).
