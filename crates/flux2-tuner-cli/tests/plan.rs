@@ -221,69 +221,71 @@ fn plan_needs_a_vram_size_without_cuda_and_refuses_bad_values() {
     );
 }
 
+/// Runs the binary with `args` and checks that it fails naming `expected` on stderr.
+fn assert_refused(args: &[&str], expected: &str) {
+    let output = command(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains(expected),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn dry_run_refuses_what_a_real_run_refuses() {
     // The flag checks run before the plan: a refused flag is named, not planned.
-    let output = command(&[
-        "train",
-        "--dry_run",
-        "--model_version",
-        "klein-4b",
-        "--device",
-        "cpu",
-        "--vram_gb",
-        "80",
+    assert_refused(
+        &[
+            "train",
+            "--dry_run",
+            "--model_version",
+            "klein-4b",
+            "--device",
+            "cpu",
+            "--vram_gb",
+            "80",
+            "--xformers",
+        ],
         "--xformers",
-    ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success() && stderr.contains("--xformers"),
-        "{stderr}"
     );
     // A value check of `options` that needs no file runs too.
-    let output = command(&[
-        "train",
-        "--dry_run",
-        "--model_version",
-        "klein-4b",
-        "--device",
-        "cpu",
-        "--fp8_scaled",
-    ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success() && stderr.contains("--fp8_scaled needs --fp8_base"),
-        "{stderr}"
+    assert_refused(
+        &[
+            "train",
+            "--dry_run",
+            "--model_version",
+            "klein-4b",
+            "--device",
+            "cpu",
+            "--fp8_scaled",
+        ],
+        "--fp8_scaled needs --fp8_base",
     );
-    let output = command(&[
-        "generate",
-        "--dry_run",
-        "--model_version",
-        "klein-4b",
-        "--prompt",
-        "a cat",
-        "--device",
-        "cpu",
+    assert_refused(
+        &[
+            "generate",
+            "--dry_run",
+            "--model_version",
+            "klein-4b",
+            "--prompt",
+            "a cat",
+            "--device",
+            "cpu",
+            "--compile",
+        ],
         "--compile",
-    ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success() && stderr.contains("--compile"),
-        "{stderr}"
     );
     // `plan` runs the same checks.
-    let output = command(&[
-        "plan",
-        "train",
-        "--model_version",
-        "klein-4b",
-        "--vram_gb",
-        "80",
+    assert_refused(
+        &[
+            "plan",
+            "train",
+            "--model_version",
+            "klein-4b",
+            "--vram_gb",
+            "80",
+            "--sage_attn",
+        ],
         "--sage_attn",
-    ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success() && stderr.contains("--sage_attn"),
-        "{stderr}"
     );
 }

@@ -31,11 +31,11 @@ pub(super) struct AttentionShape {
 }
 
 impl AttentionShape {
-    fn scale(&self) -> f32 {
+    pub(super) fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
 
-    fn head(&self) -> usize {
+    pub(super) fn head(&self) -> usize {
         self.length * self.head_dim
     }
 
@@ -334,6 +334,23 @@ pub(super) fn score_gradient_in_place(
     );
 }
 
+/// Allocates `dq`, `dk`, `dv` (`[b, heads, L, d]`) and calls `f(pair, dq, dk, dv)` with each
+/// (sample, head) pair's slabs, the pairs in parallel.
+pub(super) fn head_gradients(
+    shape: AttentionShape,
+    f: impl Fn(usize, &mut [f32], &mut [f32], &mut [f32]) + Sync,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let head = shape.head();
+    let size = shape.batch * shape.heads * head;
+    let (mut dq, mut dk, mut dv) = (vec![0f32; size], vec![0f32; size], vec![0f32; size]);
+    dq.par_chunks_mut(head)
+        .zip(dk.par_chunks_mut(head))
+        .zip(dv.par_chunks_mut(head))
+        .enumerate()
+        .for_each(|(pair, ((dq_head, dk_head), dv_head))| f(pair, dq_head, dk_head, dv_head));
+    (dq, dk, dv)
+}
+
 /// The gradients `(dq, dk, dv)`, each `[b, heads, L, d]`, from the output gradient `d_out`
 /// (token-major, `out_stride`) and the forward's output `out` (same layout) and logsumexp.
 /// Per block of query rows, with `P = exp(s q k^T - lse)` and `delta = rowsum(dO * O)`:
@@ -352,117 +369,110 @@ pub(super) fn backward_f32(
         length, head_dim, ..
     } = shape;
     let scale = shape.scale();
-    let size = shape.batch * shape.heads * shape.head();
-    let (mut dq, mut dk, mut dv) = (vec![0f32; size], vec![0f32; size], vec![0f32; size]);
-    dq.par_chunks_mut(shape.head())
-        .zip(dk.par_chunks_mut(shape.head()))
-        .zip(dv.par_chunks_mut(shape.head()))
-        .enumerate()
-        .for_each(|(pair, ((dq_head, dk_head), dv_head))| {
-            let head_range = pair * shape.head()..(pair + 1) * shape.head();
-            let (q_head, k_head, v_head) = (
-                &q[head_range.clone()],
-                &k[head_range.clone()],
-                &v[head_range],
-            );
-            // This head's output gradient, gathered `[L, d]`, and rowsum(dO * O).
-            let (mut d_head, delta) = head_gradient_and_delta(shape, pair, out, d_out);
+    head_gradients(shape, |pair, dq_head, dk_head, dv_head| {
+        let head_range = pair * shape.head()..(pair + 1) * shape.head();
+        let (q_head, k_head, v_head) = (
+            &q[head_range.clone()],
+            &k[head_range.clone()],
+            &v[head_range],
+        );
+        // This head's output gradient, gathered `[L, d]`, and rowsum(dO * O).
+        let (mut d_head, delta) = head_gradient_and_delta(shape, pair, out, d_out);
+        if shape.round_products {
+            round_in_place(&mut d_head);
+        }
+        let mut probability_buffer = vec![
+            0f32;
+            if saved.probabilities.is_some() {
+                0
+            } else {
+                BLOCK_ROWS * length
+            }
+        ];
+        let mut rounded = vec![
+            0f32;
             if shape.round_products {
-                round_in_place(&mut d_head);
+                BLOCK_ROWS * length
+            } else {
+                0
             }
-            let mut probability_buffer = vec![
-                0f32;
-                if saved.probabilities.is_some() {
-                    0
-                } else {
-                    BLOCK_ROWS * length
+        ];
+        let mut score_grad = vec![0f32; BLOCK_ROWS * length];
+        for block in 0..shape.blocks() {
+            let first = block * BLOCK_ROWS;
+            let rows = (length - first).min(BLOCK_ROWS);
+            let score_grad = &mut score_grad[..rows * length];
+            let q_block = Matrix::rows(&q_head[first * head_dim..], rows, head_dim);
+            let d_block = Matrix::rows(&d_head[first * head_dim..], rows, head_dim);
+            let probabilities: &[f32] = match saved.block(pair, first, rows, length) {
+                Some(kept) => kept,
+                None => {
+                    let buffer = &mut probability_buffer[..rows * length];
+                    multiply(
+                        buffer,
+                        length,
+                        q_block,
+                        Matrix::rows(k_head, length, head_dim).t(),
+                        1.0,
+                        false,
+                    );
+                    let lse = &saved.logsumexp[pair * length + first..][..rows];
+                    probabilities_in_place(buffer, length, lse, scale);
+                    buffer
                 }
-            ];
-            let mut rounded = vec![
-                0f32;
-                if shape.round_products {
-                    BLOCK_ROWS * length
-                } else {
-                    0
-                }
-            ];
-            let mut score_grad = vec![0f32; BLOCK_ROWS * length];
-            for block in 0..shape.blocks() {
-                let first = block * BLOCK_ROWS;
-                let rows = (length - first).min(BLOCK_ROWS);
-                let score_grad = &mut score_grad[..rows * length];
-                let q_block = Matrix::rows(&q_head[first * head_dim..], rows, head_dim);
-                let d_block = Matrix::rows(&d_head[first * head_dim..], rows, head_dim);
-                let probabilities: &[f32] = match saved.block(pair, first, rows, length) {
-                    Some(kept) => kept,
-                    None => {
-                        let buffer = &mut probability_buffer[..rows * length];
-                        multiply(
-                            buffer,
-                            length,
-                            q_block,
-                            Matrix::rows(k_head, length, head_dim).t(),
-                            1.0,
-                            false,
-                        );
-                        let lse = &saved.logsumexp[pair * length + first..][..rows];
-                        probabilities_in_place(buffer, length, lse, scale);
-                        buffer
-                    }
-                };
-                let p_for_products: &[f32] = if shape.round_products {
-                    let rounded = &mut rounded[..rows * length];
-                    rounded.copy_from_slice(probabilities);
-                    round_in_place(rounded);
-                    rounded
-                } else {
-                    probabilities
-                };
-                multiply(
-                    dv_head,
-                    head_dim,
-                    Matrix::rows(p_for_products, rows, length).t(),
-                    d_block,
-                    1.0,
-                    true,
-                );
-                multiply(
-                    score_grad,
-                    length,
-                    d_block,
-                    Matrix::rows(v_head, length, head_dim).t(),
-                    1.0,
-                    false,
-                );
-                score_gradient_in_place(
-                    score_grad,
-                    probabilities,
-                    length,
-                    &delta[first..first + rows],
-                );
-                if shape.round_products {
-                    round_in_place(score_grad);
-                }
-                let dq_block = &mut dq_head[first * head_dim..(first + rows) * head_dim];
-                multiply(
-                    dq_block,
-                    head_dim,
-                    Matrix::rows(score_grad, rows, length),
-                    Matrix::rows(k_head, length, head_dim),
-                    scale,
-                    false,
-                );
-                multiply(
-                    dk_head,
-                    head_dim,
-                    Matrix::rows(score_grad, rows, length).t(),
-                    q_block,
-                    scale,
-                    true,
-                );
+            };
+            let p_for_products: &[f32] = if shape.round_products {
+                let rounded = &mut rounded[..rows * length];
+                rounded.copy_from_slice(probabilities);
+                round_in_place(rounded);
+                rounded
+            } else {
+                probabilities
+            };
+            multiply(
+                dv_head,
+                head_dim,
+                Matrix::rows(p_for_products, rows, length).t(),
+                d_block,
+                1.0,
+                true,
+            );
+            multiply(
+                score_grad,
+                length,
+                d_block,
+                Matrix::rows(v_head, length, head_dim).t(),
+                1.0,
+                false,
+            );
+            score_gradient_in_place(
+                score_grad,
+                probabilities,
+                length,
+                &delta[first..first + rows],
+            );
+            if shape.round_products {
+                round_in_place(score_grad);
             }
-        });
-    (dq, dk, dv)
+            let dq_block = &mut dq_head[first * head_dim..(first + rows) * head_dim];
+            multiply(
+                dq_block,
+                head_dim,
+                Matrix::rows(score_grad, rows, length),
+                Matrix::rows(k_head, length, head_dim),
+                scale,
+                false,
+            );
+            multiply(
+                dk_head,
+                head_dim,
+                Matrix::rows(score_grad, rows, length).t(),
+                q_block,
+                scale,
+                true,
+            );
+        }
+    })
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::attention::{
-    exp_in_place, head_gradient_and_delta, keep_row, probabilities_in_place, probability_store,
-    row_max, score_gradient_in_place, AttentionSaved, AttentionShape, BLOCK_ROWS,
+    exp_in_place, head_gradient_and_delta, head_gradients, keep_row, probabilities_in_place,
+    probability_store, row_max, score_gradient_in_place, AttentionSaved, AttentionShape,
+    BLOCK_ROWS,
 };
 use super::matrix::to_bf16;
 use crate::nn::amx::{self, PackedB};
@@ -79,7 +80,7 @@ pub(super) fn forward(
     } = shape;
     let pairs = shape.batch * shape.heads;
     let head = length * head_dim;
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let scale = shape.scale();
     let blocks = length.div_ceil(BLOCK_ROWS);
     let (q16, k16, v16) = (to_bf16(q), to_bf16(k), to_bf16(v));
     let packs: Vec<ForwardPacks> = (0..pairs)
@@ -180,125 +181,118 @@ pub(super) fn backward(
         length, head_dim, ..
     } = shape;
     let head = length * head_dim;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let size = shape.batch * shape.heads * head;
-    let (mut dq, mut dk, mut dv) = (vec![0f32; size], vec![0f32; size], vec![0f32; size]);
-    dq.par_chunks_mut(head)
-        .zip(dk.par_chunks_mut(head))
-        .zip(dv.par_chunks_mut(head))
-        .enumerate()
-        .for_each(|(pair, ((dq_head, dk_head), dv_head))| {
-            let range = pair * head..(pair + 1) * head;
-            let (q16, k16, v16) = (
-                to_bf16(&q[range.clone()]),
-                to_bf16(&k[range.clone()]),
-                to_bf16(&v[range]),
-            );
-            let keys_transposed = PackedB::new(&k16, head_dim, length, 1, head_dim);
-            let keys = PackedB::new(&k16, length, head_dim, head_dim, 1);
-            let values_transposed = PackedB::new(&v16, head_dim, length, 1, head_dim);
-            // This head's output gradient, gathered `[L, d]`, and rowsum(dO * O).
-            let (d_head, delta) = head_gradient_and_delta(shape, pair, out, d_out);
-            let d16 = to_bf16(&d_head);
-            let mut probability_buffer = vec![
-                0f32;
-                if saved.probabilities.is_some() {
-                    0
-                } else {
-                    BLOCK_ROWS * length
-                }
-            ];
-            let mut score_grad = vec![0f32; BLOCK_ROWS * length];
-            let mut keys_part = vec![0f32; length * head_dim];
-            let mut query_part = vec![0f32; BLOCK_ROWS * head_dim];
-            for block in 0..length.div_ceil(BLOCK_ROWS) {
-                let first = block * BLOCK_ROWS;
-                let rows = (length - first).min(BLOCK_ROWS);
-                let score_grad = &mut score_grad[..rows * length];
-                let q_block = &q16[first * head_dim..(first + rows) * head_dim];
-                let d_block = &d16[first * head_dim..(first + rows) * head_dim];
-                let probabilities: &[f32] = match saved.block(pair, first, rows, length) {
-                    Some(kept) => kept,
-                    None => {
-                        let buffer = &mut probability_buffer[..rows * length];
-                        product(q_block, rows, head_dim, &keys_transposed, length, buffer);
-                        let lse = &saved.logsumexp[pair * length + first..][..rows];
-                        probabilities_in_place(buffer, length, lse, scale);
-                        buffer
-                    }
-                };
-                // dV += P^T dO
-                let p_transposed = transposed_bf16(probabilities, rows, length);
-                let d_packed = PackedB::new(d_block, rows, head_dim, head_dim, 1);
-                product(
-                    &p_transposed,
-                    length,
-                    rows,
-                    &d_packed,
-                    head_dim,
-                    &mut keys_part,
-                );
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        dv_head
-                            .iter_mut()
-                            .zip(&keys_part)
-                            .for_each(|(a, b)| *a += b)
-                    },
-                );
-                // dS = P (dO V^T - delta)
-                product(
-                    d_block,
-                    rows,
-                    head_dim,
-                    &values_transposed,
-                    length,
-                    score_grad,
-                );
-                score_gradient_in_place(
-                    score_grad,
-                    probabilities,
-                    length,
-                    &delta[first..first + rows],
-                );
-                // dQ = s dS K
-                let score_grad16 = to_bf16(score_grad);
-                let query_part = &mut query_part[..rows * head_dim];
-                product(&score_grad16, rows, length, &keys, head_dim, query_part);
-                let dq_block = &mut dq_head[first * head_dim..(first + rows) * head_dim];
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        dq_block
-                            .iter_mut()
-                            .zip(query_part.iter())
-                            .for_each(|(a, b)| *a = b * scale)
-                    },
-                );
-                // dK += s dS^T Q
-                let score_grad_transposed = transposed_bf16(score_grad, rows, length);
-                let q_packed = PackedB::new(q_block, rows, head_dim, head_dim, 1);
-                product(
-                    &score_grad_transposed,
-                    length,
-                    rows,
-                    &q_packed,
-                    head_dim,
-                    &mut keys_part,
-                );
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        dk_head
-                            .iter_mut()
-                            .zip(&keys_part)
-                            .for_each(|(a, b)| *a += b * scale)
-                    },
-                );
+    let scale = shape.scale();
+    head_gradients(shape, |pair, dq_head, dk_head, dv_head| {
+        let range = pair * head..(pair + 1) * head;
+        let (q16, k16, v16) = (
+            to_bf16(&q[range.clone()]),
+            to_bf16(&k[range.clone()]),
+            to_bf16(&v[range]),
+        );
+        let keys_transposed = PackedB::new(&k16, head_dim, length, 1, head_dim);
+        let keys = PackedB::new(&k16, length, head_dim, head_dim, 1);
+        let values_transposed = PackedB::new(&v16, head_dim, length, 1, head_dim);
+        // This head's output gradient, gathered `[L, d]`, and rowsum(dO * O).
+        let (d_head, delta) = head_gradient_and_delta(shape, pair, out, d_out);
+        let d16 = to_bf16(&d_head);
+        let mut probability_buffer = vec![
+            0f32;
+            if saved.probabilities.is_some() {
+                0
+            } else {
+                BLOCK_ROWS * length
             }
-        });
-    (dq, dk, dv)
+        ];
+        let mut score_grad = vec![0f32; BLOCK_ROWS * length];
+        let mut keys_part = vec![0f32; length * head_dim];
+        let mut query_part = vec![0f32; BLOCK_ROWS * head_dim];
+        for block in 0..length.div_ceil(BLOCK_ROWS) {
+            let first = block * BLOCK_ROWS;
+            let rows = (length - first).min(BLOCK_ROWS);
+            let score_grad = &mut score_grad[..rows * length];
+            let q_block = &q16[first * head_dim..(first + rows) * head_dim];
+            let d_block = &d16[first * head_dim..(first + rows) * head_dim];
+            let probabilities: &[f32] = match saved.block(pair, first, rows, length) {
+                Some(kept) => kept,
+                None => {
+                    let buffer = &mut probability_buffer[..rows * length];
+                    product(q_block, rows, head_dim, &keys_transposed, length, buffer);
+                    let lse = &saved.logsumexp[pair * length + first..][..rows];
+                    probabilities_in_place(buffer, length, lse, scale);
+                    buffer
+                }
+            };
+            // dV += P^T dO
+            let p_transposed = transposed_bf16(probabilities, rows, length);
+            let d_packed = PackedB::new(d_block, rows, head_dim, head_dim, 1);
+            product(
+                &p_transposed,
+                length,
+                rows,
+                &d_packed,
+                head_dim,
+                &mut keys_part,
+            );
+            vectorised(
+                #[inline(always)]
+                || {
+                    dv_head
+                        .iter_mut()
+                        .zip(&keys_part)
+                        .for_each(|(a, b)| *a += b)
+                },
+            );
+            // dS = P (dO V^T - delta)
+            product(
+                d_block,
+                rows,
+                head_dim,
+                &values_transposed,
+                length,
+                score_grad,
+            );
+            score_gradient_in_place(
+                score_grad,
+                probabilities,
+                length,
+                &delta[first..first + rows],
+            );
+            // dQ = s dS K
+            let score_grad16 = to_bf16(score_grad);
+            let query_part = &mut query_part[..rows * head_dim];
+            product(&score_grad16, rows, length, &keys, head_dim, query_part);
+            let dq_block = &mut dq_head[first * head_dim..(first + rows) * head_dim];
+            vectorised(
+                #[inline(always)]
+                || {
+                    dq_block
+                        .iter_mut()
+                        .zip(query_part.iter())
+                        .for_each(|(a, b)| *a = b * scale)
+                },
+            );
+            // dK += s dS^T Q
+            let score_grad_transposed = transposed_bf16(score_grad, rows, length);
+            let q_packed = PackedB::new(q_block, rows, head_dim, head_dim, 1);
+            product(
+                &score_grad_transposed,
+                length,
+                rows,
+                &q_packed,
+                head_dim,
+                &mut keys_part,
+            );
+            vectorised(
+                #[inline(always)]
+                || {
+                    dk_head
+                        .iter_mut()
+                        .zip(&keys_part)
+                        .for_each(|(a, b)| *a += b * scale)
+                },
+            );
+        }
+    })
 }
 
 #[cfg(test)]
