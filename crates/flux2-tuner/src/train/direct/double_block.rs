@@ -242,7 +242,6 @@ fn stream_backward_to_attention(
         &d_mlp_out,
         rows,
         Some(&mut d_activated),
-        false,
     )?;
     let mut d_mlp_in = vec![0f32; rows * 2 * width];
     swiglu_backward(
@@ -266,7 +265,6 @@ fn stream_backward_to_attention(
         &d_mlp_in,
         rows,
         Some(&mut d_modulated_1),
-        false,
     )?;
     let mut d_x1 = d_out.to_vec();
     modulate_backward(
@@ -288,7 +286,6 @@ fn stream_backward_to_attention(
         &d_projected,
         rows,
         Some(&mut d_attended),
-        false,
     )?;
     Ok((d_x1, d_attended))
 }
@@ -346,7 +343,6 @@ pub(super) fn backward(
                 &d_qkv,
                 rows,
                 Some(&mut d_modulated_0),
-                false,
             )?;
             let modulation = &inputs.modulation[0];
             modulate_backward(
@@ -368,7 +364,6 @@ pub(super) fn backward(
                 &d_qkv,
                 rows,
                 None,
-                false,
             )?;
         }
     }

@@ -225,8 +225,8 @@ pub(super) fn forward(
     Ok((y, LinearSaved { adapters: saved }))
 }
 
-/// Adds the adapters' gradients to `gradients` and, when `dx` is given, writes (or with
-/// `accumulate` adds) the input gradient `dy W + LoRA` into it.
+/// Adds the adapters' gradients to `gradients` and, when `dx` is given, writes the input gradient
+/// `dy W + LoRA` into it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     linear: &Linear,
@@ -236,7 +236,6 @@ pub(super) fn backward(
     dy: &[f32],
     rows: usize,
     dx: Option<&mut [f32]>,
-    accumulate: bool,
 ) -> Result<()> {
     let (in_features, out_features) = (linear.in_features(), linear.out_features());
     let adapters = adapters(linear, gradients)?;
@@ -244,9 +243,7 @@ pub(super) fn backward(
     let x_matrix = Matrix::rows(x, rows, in_features);
     let mut dx = dx;
     if let Some(dx) = dx.as_deref_mut() {
-        with_weight(linear, |weight| {
-            weight.backward(dy, rows, out_features, dx, accumulate)
-        })?;
+        with_weight(linear, |weight| weight.backward(dy, rows, out_features, dx))?;
     }
     for (adapter, kept) in adapters.iter().zip(&saved.adapters) {
         let Some(kept) = kept else {

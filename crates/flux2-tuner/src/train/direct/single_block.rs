@@ -146,7 +146,6 @@ pub(super) fn backward(
         &d_out,
         rows,
         Some(&mut d_joined),
-        false,
     )?;
     let (dq, dk, dv) = attention::backward(
         context.attention(widths.joined),
@@ -180,7 +179,6 @@ pub(super) fn backward(
         &d_projected,
         rows,
         Some(&mut d_modulated),
-        false,
     )?;
     let mut d_x = d_y.to_vec();
     modulate_backward(
