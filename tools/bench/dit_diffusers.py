@@ -9,12 +9,17 @@ and in bf16 under torch.inference_mode(). Prints one JSON line with the median s
 The Rust side is crates/flux2-tuner/examples/bench_dit.rs, which runs this script itself; keep the
 two configs and the timing protocol identical.
 
+With --serve f32|bf16 it runs forward passes on demand instead (see serve()): the Rust benchmark
+alternates its own passes with these, so that both see the same load of a shared machine.
+
 Usage: python tools/bench/dit_diffusers.py --threads 2 [--warmup 2] [--iterations 5]
+       python tools/bench/dit_diffusers.py --threads 2 --serve bf16
 """
 
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -84,11 +89,36 @@ def time_forward(model: Flux2Transformer2DModel, dtype: torch.dtype, warmup: int
     return statistics.median(seconds)
 
 
+def serve(model: Flux2Transformer2DModel, dtype: torch.dtype) -> None:
+    """Forward passes on demand, so that the Rust benchmark can alternate its passes with these:
+    prints `ready`, then reads one command per line from stdin, `step` (runs one forward pass and
+    prints its seconds) or `done` (prints one JSON line with the torch version, then exits)."""
+    model = model.to(dtype)
+    inputs = build_inputs(dtype)
+    print("ready", flush=True)
+    with torch.inference_mode():
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "step":
+                start = time.perf_counter()
+                output = model(**inputs)[0]
+                elapsed = time.perf_counter() - start
+                if not torch.isfinite(output.float()).all():
+                    raise SystemExit(f"non-finite output in {dtype}")
+                print(elapsed, flush=True)
+            elif command == "done":
+                print(json.dumps({"torch": torch.__version__}), flush=True)
+                return
+            else:
+                raise SystemExit(f"unknown command {command!r}; expected step or done")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--serve", choices=["f32", "bf16"], help="step on demand in this dtype (see serve)")
     args = parser.parse_args()
 
     # Casting a freshly built model with .to() warns about from_pretrained; nothing is kept in f32 here.
@@ -96,6 +126,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model()
+    if args.serve:
+        serve(model, torch.float32 if args.serve == "f32" else torch.bfloat16)
+        return
     f32 = time_forward(model, torch.float32, args.warmup, args.iterations)
     bf16 = time_forward(model, torch.bfloat16, args.warmup, args.iterations)
     print(

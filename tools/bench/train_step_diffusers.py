@@ -19,7 +19,12 @@ and peak RSS (MiB) of each.
 The Rust side is crates/flux2-tuner/examples/bench_train_step.rs, which runs this script itself;
 keep the two configs and the timing protocol identical.
 
+With --dtype NAME --serve it steps on demand instead (one command per stdin line, see serve()):
+the Rust benchmark alternates its own steps with these, so that both sides see the same machine
+load (other tenants of a shared machine move single timings by up to 40 %).
+
 Usage: python tools/bench/train_step_diffusers.py --threads 2 [--warmup 1] [--iterations 3]
+       python tools/bench/train_step_diffusers.py --threads 2 --dtype bf16 --serve
 """
 
 import argparse
@@ -119,7 +124,9 @@ def build_batch(dtype: torch.dtype) -> tuple:
     return latents, noise, text, img_ids.unsqueeze(0), txt_ids.unsqueeze(0)
 
 
-def run_dtype(name: str, threads: int, warmup: int, iterations: int) -> dict:
+def build_step(name: str, threads: int):
+    """The model, optimizer and batch of one dtype; returns (step, info): step() runs one timed
+    training step and returns its seconds."""
     dtype = DTYPES[name]
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -129,8 +136,8 @@ def run_dtype(name: str, threads: int, warmup: int, iterations: int) -> dict:
     optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE)
     latents, noise, text, img_ids, txt_ids = build_batch(dtype)
     sigma = 0.7
-    seconds = []
-    for index in range(warmup + iterations):
+
+    def step() -> float:
         start = time.perf_counter()
         noisy = ((1.0 - sigma) * latents + sigma * noise).to(dtype)
         prediction = model(
@@ -149,16 +156,46 @@ def run_dtype(name: str, threads: int, warmup: int, iterations: int) -> dict:
         elapsed = time.perf_counter() - start
         if not torch.isfinite(torch.tensor(value)):
             raise SystemExit(f"non-finite loss in {name}")
-        if index >= warmup:
-            seconds.append(elapsed)
-    return {
-        "seconds": statistics.median(seconds),
-        # Linux reports ru_maxrss in KiB.
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        return elapsed
+
+    info = {
         "lora_modules": lora_modules,
         "lora_parameters": sum(p.numel() for p in parameters),
         "lora_dtype": str(parameters[0].dtype),
     }
+    return step, info
+
+
+def peak_rss_mib() -> float:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_dtype(name: str, threads: int, warmup: int, iterations: int) -> dict:
+    step, info = build_step(name, threads)
+    seconds = []
+    for index in range(warmup + iterations):
+        elapsed = step()
+        if index >= warmup:
+            seconds.append(elapsed)
+    return {"seconds": statistics.median(seconds), "peak_rss_mib": peak_rss_mib(), **info}
+
+
+def serve(name: str, threads: int) -> None:
+    """Steps on demand, so that the Rust benchmark can alternate its steps with these: reads a
+    command per line from stdin, `step` (prints the step's seconds) or `done` (prints one JSON
+    line with the peak RSS and the LoRA info, then exits)."""
+    step, info = build_step(name, threads)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            print(step(), flush=True)
+        elif command == "done":
+            print(json.dumps({"peak_rss_mib": peak_rss_mib(), "torch": torch.__version__, **info}), flush=True)
+            return
+        else:
+            raise SystemExit(f"unknown command {command!r}; expected step or done")
 
 
 def main() -> None:
@@ -167,10 +204,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="run one dtype in this process")
+    parser.add_argument("--serve", action="store_true", help="with --dtype: step on demand (see serve)")
     args = parser.parse_args()
 
     # Casting a freshly built model with .to() warns about from_pretrained; irrelevant here.
     logging.set_verbosity_error()
+    if args.dtype and args.serve:
+        serve(args.dtype, args.threads)
+        return
     if args.dtype:
         print(json.dumps(run_dtype(args.dtype, args.threads, args.warmup, args.iterations)))
         return

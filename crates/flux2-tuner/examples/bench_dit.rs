@@ -3,9 +3,11 @@
 //! random weights in the BFL key format, 1024 image tokens (a 32 x 32 grid) and 128 text tokens,
 //! batch 1, timed in f32 and bf16 (warm-up, then the median of several runs).
 //!
-//! The same config is then timed in PyTorch by `tools/bench/dit_diffusers.py` (diffusers
+//! The same config runs in PyTorch in `tools/bench/dit_diffusers.py --serve` (diffusers
 //! `Flux2Transformer2DModel`) with the same thread count, when a Python with torch and diffusers is
-//! found (`$FLUX2_REF_PYTHON`, else `/work/venv-ref/bin/python`), and both are printed side by side.
+//! found (`$FLUX2_REF_PYTHON`, else `/work/venv-ref/bin/python`). The passes alternate, Rust then
+//! PyTorch: single timings on a shared machine move by up to 40 % with other tenants' load, and
+//! neighbouring passes see the same load. The ratio printed is the median of the per-pair ratios.
 //!
 //! ```text
 //! cargo run --release -p flux2-tuner --example bench_dit -- [--threads 2] [--warmup 2] [--iterations 5]
@@ -16,6 +18,8 @@ use std::path::Path;
 use std::time::Instant;
 
 mod bench_support;
+
+use bench_support::StepServer;
 
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
@@ -36,8 +40,15 @@ fn random_tensor(rng: &mut SeededRng, shape: (usize, usize, usize)) -> BenchResu
     Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
 }
 
-/// Median seconds of one forward pass of the checkpoint at `path` in `dtype`.
-fn time_rust(path: &Path, dtype: DType, options: &bench_support::Options) -> BenchResult<f64> {
+/// Timed forward passes of the checkpoint at `path` in `dtype`, each followed by one PyTorch pass
+/// when `pytorch` serves (so that both see the same machine load). Returns the Rust seconds and
+/// the PyTorch seconds, pass by pass.
+fn time_paired(
+    path: &Path,
+    dtype: DType,
+    options: &bench_support::Options,
+    pytorch: &mut Option<StepServer>,
+) -> BenchResult<(Vec<f64>, Vec<f64>)> {
     let device = Device::Cpu;
     let checkpoint = Checkpoint::open(path)?;
     let dit = Flux2Dit::load(&checkpoint, None, dtype, &device)?;
@@ -56,7 +67,7 @@ fn time_rust(path: &Path, dtype: DType, options: &bench_support::Options) -> Ben
         timesteps: &timesteps,
         guidance: None,
     };
-    let mut seconds = Vec::new();
+    let (mut rust, mut torch) = (Vec::new(), Vec::new());
     for index in 0..options.warmup + options.iterations {
         let start = Instant::now();
         let output = dit.forward(&input)?;
@@ -66,40 +77,23 @@ fn time_rust(path: &Path, dtype: DType, options: &bench_support::Options) -> Ben
         if !first.is_finite() {
             return Err(format!("non-finite output in {dtype:?}").into());
         }
+        let reference = pytorch.as_mut().map(|server| server.step()).transpose()?;
         if index >= options.warmup {
-            seconds.push(elapsed);
+            rust.push(elapsed);
+            torch.extend(reference);
         }
     }
-    Ok(bench_support::median(seconds))
+    Ok((rust, torch))
 }
 
-/// The reference timings `(f32, bf16)` from the Python script, or why they are missing.
-fn time_pytorch(
+/// The PyTorch side in `dtype`, stepping on demand, or why there is none.
+fn pytorch_server(
     options: &bench_support::Options,
-) -> std::result::Result<(f64, f64, String), String> {
-    let script = "dit_diffusers.py";
-    let stdout = bench_support::run_reference(
-        script,
-        &[
-            "--threads".to_string(),
-            options.threads.to_string(),
-            "--warmup".to_string(),
-            options.warmup.to_string(),
-            "--iterations".to_string(),
-            options.iterations.to_string(),
-        ],
-    )?;
-    let line = stdout.lines().last().unwrap_or_default();
-    let json: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("unexpected output {line:?}: {e}"))?;
-    let f32_seconds = json["dit_forward_f32_s"]
-        .as_f64()
-        .ok_or("no dit_forward_f32_s")?;
-    let bf16_seconds = json["dit_forward_bf16_s"]
-        .as_f64()
-        .ok_or("no dit_forward_bf16_s")?;
-    let torch = json["torch"].as_str().unwrap_or("?").to_string();
-    Ok((f32_seconds, bf16_seconds, torch))
+    dtype: &str,
+) -> std::result::Result<StepServer, String> {
+    let mut command = bench_support::reference_command("dit_diffusers.py")?;
+    command.args(["--threads", &options.threads.to_string(), "--serve", dtype]);
+    StepServer::spawn(command, &format!("pytorch {dtype}"))
 }
 
 fn main() -> BenchResult<()> {
@@ -117,14 +111,39 @@ fn main() -> BenchResult<()> {
     std::fs::create_dir_all(&directory)?;
     let path = directory.join("dit.safetensors");
     write_random_dit(&config, &path, 0, DType::F32)?;
-    let rust = [DType::F32, DType::BF16].map(|dtype| time_rust(&path, dtype, &options));
+    let mut lines = Vec::new();
+    let mut version = None;
+    for (dtype, name) in [(DType::F32, "f32"), (DType::BF16, "bf16")] {
+        let mut pytorch = match pytorch_server(&options, name) {
+            Ok(server) => Some(server),
+            Err(reason) => {
+                println!("PyTorch unavailable: {reason}");
+                None
+            }
+        };
+        let (rust, torch) = time_paired(&path, dtype, &options, &mut pytorch)?;
+        if let Some(server) = pytorch {
+            let report: serde_json::Value = serde_json::from_str(&server.done()?)?;
+            version = report["torch"].as_str().map(str::to_string);
+        }
+        let rust_seconds = bench_support::median(rust.clone());
+        lines.push(if torch.len() == rust.len() {
+            let ratios = rust.iter().zip(&torch).map(|(r, t)| r / t).collect();
+            format!(
+                "dit_forward {name}: rust {rust_seconds:.3} s, pytorch {:.3} s, ratio {:.2}",
+                bench_support::median(torch),
+                bench_support::median(ratios)
+            )
+        } else {
+            format!("dit_forward {name}: rust {rust_seconds:.3} s")
+        });
+    }
     std::fs::remove_dir_all(&directory)?;
-    let rust_f32 = rust[0].as_ref().map_err(|e| e.to_string())?;
-    let rust_bf16 = rust[1].as_ref().map_err(|e| e.to_string())?;
 
     println!(
         "DiT forward, CPU, {} threads: hidden {}, {} heads, {} double + {} single blocks, {} image + {} text tokens, \
-         {} parameters; warm-up {}, median of {}",
+         {} parameters; warm-up {}, then {} passes, each Rust pass followed by a PyTorch pass; medians, and the \
+         median of the per-pair time ratios",
         options.threads,
         config.hidden_size,
         config.num_heads,
@@ -136,24 +155,11 @@ fn main() -> BenchResult<()> {
         options.warmup,
         options.iterations
     );
-    match time_pytorch(&options) {
-        Ok((torch_f32, torch_bf16, version)) => {
-            println!("reference: diffusers Flux2Transformer2DModel, torch {version}");
-            for (name, rust_seconds, torch_seconds) in [
-                ("f32", rust_f32, torch_f32),
-                ("bf16", rust_bf16, torch_bf16),
-            ] {
-                println!(
-                    "dit_forward {name}: rust {rust_seconds:.3} s, pytorch {torch_seconds:.3} s, ratio {:.2}",
-                    rust_seconds / torch_seconds
-                );
-            }
-        }
-        Err(reason) => {
-            println!("PyTorch unavailable: {reason}");
-            println!("dit_forward f32: rust {rust_f32:.3} s");
-            println!("dit_forward bf16: rust {rust_bf16:.3} s");
-        }
+    if let Some(version) = version {
+        println!("reference: diffusers Flux2Transformer2DModel, torch {version}");
+    }
+    for line in lines {
+        println!("{line}");
     }
     Ok(())
 }

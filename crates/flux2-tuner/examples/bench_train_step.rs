@@ -11,13 +11,16 @@
 //! Each configuration runs in a child process of this example (re-executed with `--run`), so that
 //! its peak resident memory (`VmHWM` of `/proc/self/status`) is its own.
 //!
-//! The same step is then timed in PyTorch by `tools/bench/train_step_diffusers.py` (diffusers
+//! The same step runs in PyTorch in `tools/bench/train_step_diffusers.py --serve` (diffusers
 //! `Flux2Transformer2DModel` + peft LoRA + torch AdamW) with the same thread count, when a Python
-//! with torch, diffusers and peft is found (`$FLUX2_REF_PYTHON`, else `/work/venv-ref/bin/python`),
-//! and both are printed side by side.
+//! with torch, diffusers and peft is found (`$FLUX2_REF_PYTHON`, else `/work/venv-ref/bin/python`).
+//! Both children step on demand and the steps alternate, Rust then PyTorch, `--iterations` times:
+//! on a shared machine single step times move by up to 40 % with other tenants' load, and a pair
+//! of neighbouring steps sees the same load. The time ratio printed is the median of the per-pair
+//! ratios.
 //!
 //! ```text
-//! cargo run --release -p flux2-tuner --example bench_train_step -- [--threads 2] [--warmup 1] [--iterations 3]
+//! cargo run --release -p flux2-tuner --example bench_train_step -- [--threads 2] [--warmup 1] [--iterations 5]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -25,6 +28,8 @@ use std::process::Command;
 use std::time::Instant;
 
 mod bench_support;
+
+use bench_support::StepServer;
 
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
@@ -68,7 +73,7 @@ fn parse_options() -> BenchResult<(Options, Option<RunSpec>)> {
     let mut options = Options {
         threads: 2,
         warmup: 1,
-        iterations: 3,
+        iterations: 5,
     };
     let mut run = None;
     let mut args = std::env::args().skip(1);
@@ -134,9 +139,11 @@ fn peak_rss_mib() -> BenchResult<f64> {
     Ok(kilobytes / 1024.0)
 }
 
-/// The child: times the training step of one configuration and prints
-/// `<median seconds> <peak MiB> <LoRA modules> <LoRA parameters>`.
-fn run_one(spec: &RunSpec, options: &Options) -> BenchResult<()> {
+/// The child: sets up one configuration, then serves `bench_support::StepServer`'s protocol on
+/// stdin / stdout (`step`: one training step and AdamW step, prints its seconds; `done`: prints
+/// `<peak MiB> <LoRA modules> <LoRA parameters>` and exits).
+fn run_one(spec: &RunSpec) -> BenchResult<()> {
+    use std::io::{BufRead, Write};
     let device = Device::Cpu;
     let checkpoint = Checkpoint::open(&spec.checkpoint)?;
     let mut dit = Flux2Dit::load(&checkpoint, None, spec.dtype, &device)?;
@@ -170,56 +177,68 @@ fn run_one(spec: &RunSpec, options: &Options) -> BenchResult<()> {
         guidance: None,
         weights: &[1.0],
     };
-    let mut seconds = Vec::new();
-    for index in 0..options.warmup + options.iterations {
-        let start = Instant::now();
-        let step = training_step(&dit, &batch, &parameters, spec.checkpointing)?;
-        optimizer.step(&step.gradients, LEARNING_RATE)?;
-        let elapsed = start.elapsed().as_secs_f64();
-        if !step.loss.is_finite() {
-            return Err(format!("non-finite loss in {}", dtype_name(spec.dtype)).into());
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "ready")?;
+    stdout.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        match line?.trim() {
+            "step" => {
+                let start = Instant::now();
+                let step = training_step(&dit, &batch, &parameters, spec.checkpointing)?;
+                optimizer.step(&step.gradients, LEARNING_RATE)?;
+                let elapsed = start.elapsed().as_secs_f64();
+                if !step.loss.is_finite() {
+                    return Err(format!("non-finite loss in {}", dtype_name(spec.dtype)).into());
+                }
+                writeln!(stdout, "{elapsed}")?;
+            }
+            "done" => {
+                writeln!(
+                    stdout,
+                    "{} {} {parameter_count}",
+                    peak_rss_mib()?,
+                    network.modules.len()
+                )?;
+                break;
+            }
+            other => return Err(format!("unknown command {other:?}; expected step or done").into()),
         }
-        if index >= options.warmup {
-            seconds.push(elapsed);
-        }
+        stdout.flush()?;
     }
-    println!(
-        "{} {} {} {}",
-        bench_support::median(seconds),
-        peak_rss_mib()?,
-        network.modules.len(),
-        parameter_count
-    );
     Ok(())
 }
 
 struct Measured {
-    seconds: f64,
+    /// Each timed step, in order.
+    seconds: Vec<f64>,
     peak_mib: f64,
     modules: usize,
     parameters: usize,
 }
 
-/// Runs one configuration in a child process of this executable.
-/// With `autograd`, the child takes candle's autograd path (`FLUX2_AUTOGRAD_BACKWARD`) instead of
-/// the direct backward, for comparison.
-fn measure(
+impl Measured {
+    fn median(&self) -> f64 {
+        bench_support::median(self.seconds.clone())
+    }
+}
+
+/// A child process of this executable serving one configuration. With `autograd`, the child
+/// takes candle's autograd path (`FLUX2_AUTOGRAD_BACKWARD`) instead of the direct backward.
+fn rust_server(
     path: &Path,
     dtype: DType,
     checkpointing: bool,
     autograd: bool,
     options: &Options,
-) -> BenchResult<Measured> {
+) -> BenchResult<StepServer> {
     let mut command = Command::new(std::env::current_exe()?);
     if autograd {
         command.env("FLUX2_AUTOGRAD_BACKWARD", "1");
     } else {
         command.env_remove("FLUX2_AUTOGRAD_BACKWARD");
     }
-    let output = command
+    command
         .args(["--threads", &options.threads.to_string()])
-        .args(["--warmup", &options.warmup.to_string()])
-        .args(["--iterations", &options.iterations.to_string()])
         .arg("--run")
         .arg(path)
         .arg(dtype_name(dtype))
@@ -227,45 +246,104 @@ fn measure(
             "checkpointing"
         } else {
             "full"
-        })
-        .output()?;
-    if !output.status.success() {
-        return Err(format!(
-            "the {} run failed: {}",
-            dtype_name(dtype),
-            String::from_utf8_lossy(&output.stderr)
-        )
-        .into());
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let fields: Vec<&str> = stdout.split_whitespace().collect();
-    if fields.len() != 4 {
-        return Err(format!("unexpected child output {stdout:?}").into());
+        });
+    Ok(StepServer::spawn(
+        command,
+        &format!("rust {}", dtype_name(dtype)),
+    )?)
+}
+
+/// Ends a Rust child; its peak memory and LoRA size.
+fn finish_rust(server: StepServer, seconds: Vec<f64>) -> BenchResult<Measured> {
+    let line = server.done()?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.len() != 3 {
+        return Err(format!("unexpected child output {line:?}").into());
     }
     Ok(Measured {
-        seconds: fields[0].parse()?,
-        peak_mib: fields[1].parse()?,
-        modules: fields[2].parse()?,
-        parameters: fields[3].parse()?,
+        seconds,
+        peak_mib: fields[0].parse()?,
+        modules: fields[1].parse()?,
+        parameters: fields[2].parse()?,
     })
 }
 
-/// The reference result of the Python script, or why it is missing.
-fn run_pytorch(options: &Options) -> std::result::Result<serde_json::Value, String> {
-    let script = "train_step_diffusers.py";
-    let stdout = bench_support::run_reference(
-        script,
-        &[
-            "--threads".to_string(),
-            options.threads.to_string(),
-            "--warmup".to_string(),
-            options.warmup.to_string(),
-            "--iterations".to_string(),
-            options.iterations.to_string(),
-        ],
-    )?;
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).map_err(|e| format!("unexpected output {line:?}: {e}"))
+/// The autograd path alone (not paired with PyTorch: it is shown for comparison only).
+fn measure_autograd(
+    path: &Path,
+    dtype: DType,
+    checkpointing: bool,
+    options: &Options,
+) -> BenchResult<Measured> {
+    let mut server = rust_server(path, dtype, checkpointing, true, options)?;
+    for _ in 0..options.warmup {
+        server.step()?;
+    }
+    let seconds = (0..options.iterations)
+        .map(|_| server.step())
+        .collect::<Result<Vec<_>, _>>()?;
+    finish_rust(server, seconds)
+}
+
+/// One dtype's rows: the direct backward without and with checkpointing, each step alternated
+/// with a PyTorch step (when PyTorch runs) so both see the same machine load. Returns per
+/// checkpointing mode the Rust steps and the PyTorch steps paired with them, and PyTorch's
+/// final report (peak memory, LoRA size, version).
+#[allow(clippy::type_complexity)]
+fn measure_paired(
+    path: &Path,
+    dtype: DType,
+    options: &Options,
+) -> (
+    Vec<(bool, BenchResult<Measured>, Vec<f64>)>,
+    Result<serde_json::Value, String>,
+) {
+    let mut pytorch =
+        bench_support::reference_command("train_step_diffusers.py").and_then(|mut command| {
+            command.args([
+                "--threads",
+                &options.threads.to_string(),
+                "--dtype",
+                dtype_name(dtype),
+                "--serve",
+            ]);
+            StepServer::spawn(command, &format!("pytorch {}", dtype_name(dtype)))
+        });
+    if let Ok(server) = pytorch.as_mut() {
+        for _ in 0..options.warmup {
+            if let Err(error) = server.step() {
+                pytorch = Err(error);
+                break;
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for checkpointing in [false, true] {
+        let mut torch_seconds = Vec::new();
+        let measured = (|| -> BenchResult<Measured> {
+            let mut server = rust_server(path, dtype, checkpointing, false, options)?;
+            for _ in 0..options.warmup {
+                server.step()?;
+            }
+            let mut seconds = Vec::new();
+            for _ in 0..options.iterations {
+                seconds.push(server.step()?);
+                if let Ok(reference) = pytorch.as_mut() {
+                    match reference.step() {
+                        Ok(step) => torch_seconds.push(step),
+                        Err(error) => pytorch = Err(error),
+                    }
+                }
+            }
+            finish_rust(server, seconds)
+        })();
+        rows.push((checkpointing, measured, torch_seconds));
+    }
+    let report = pytorch.and_then(|server| {
+        let line = server.done()?;
+        serde_json::from_str(&line).map_err(|e| format!("unexpected output {line:?}: {e}"))
+    });
+    (rows, report)
 }
 
 fn main() -> BenchResult<()> {
@@ -274,7 +352,7 @@ fn main() -> BenchResult<()> {
     // candle's CPU matmul and rayon both read this; set it before the first tensor op.
     std::env::set_var("RAYON_NUM_THREADS", options.threads.to_string());
     if let Some(spec) = run {
-        return run_one(&spec, &options);
+        return run_one(&spec);
     }
 
     let config = bench_support::mid_size_dit_config(TEXT_WIDTH);
@@ -283,18 +361,30 @@ fn main() -> BenchResult<()> {
     let path = directory.join("dit.safetensors");
     write_random_dit(&config, &path, 0, DType::F32)?;
     let mut rows = Vec::new();
+    let mut reference = Err("not run".to_string());
     for dtype in [DType::F32, DType::BF16] {
-        for checkpointing in [false, true] {
-            let measured = measure(&path, dtype, checkpointing, false, &options);
-            let autograd = measure(&path, dtype, checkpointing, true, &options);
-            rows.push((dtype, checkpointing, measured, autograd));
+        let (paired, report) = measure_paired(&path, dtype, &options);
+        for (checkpointing, measured, torch_seconds) in paired {
+            let autograd = measure_autograd(&path, dtype, checkpointing, &options);
+            rows.push((
+                dtype,
+                checkpointing,
+                measured,
+                torch_seconds,
+                autograd,
+                report.clone(),
+            ));
+        }
+        if reference.is_err() {
+            reference = report;
         }
     }
     std::fs::remove_dir_all(&directory)?;
 
     println!(
         "LoRA training step, CPU, {} threads: hidden {}, {} heads, {} double + {} single blocks, {} image + {} text \
-         tokens, batch 1, {} base parameters, LoRA rank {RANK}; warm-up {}, median of {}",
+         tokens, batch 1, {} base parameters, LoRA rank {RANK}; warm-up {}, then {} steps, each Rust step followed \
+         by a PyTorch step; medians, and the median of the per-pair time ratios",
         options.threads,
         config.hidden_size,
         config.num_heads,
@@ -306,7 +396,6 @@ fn main() -> BenchResult<()> {
         options.warmup,
         options.iterations
     );
-    let reference = run_pytorch(&options);
     match &reference {
         Ok(json) => println!(
             "reference: diffusers Flux2Transformer2DModel + peft LoRA ({} modules, {} parameters), torch {}",
@@ -320,7 +409,7 @@ fn main() -> BenchResult<()> {
         "| dtype | gradient checkpointing | rust s | rust peak MiB | pytorch s | pytorch peak MiB | time ratio | memory ratio | rust autograd s | autograd peak MiB |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for (dtype, checkpointing, measured, autograd) in &rows {
+    for (dtype, checkpointing, measured, torch_seconds, autograd, report) in &rows {
         let name = dtype_name(*dtype);
         let measured = match measured {
             Ok(measured) => measured,
@@ -329,32 +418,42 @@ fn main() -> BenchResult<()> {
                 continue;
             }
         };
-        let torch = reference.as_ref().ok().and_then(|json| {
-            Some((
-                json[format!("train_step_{name}_s")].as_f64()?,
-                json[format!("peak_rss_{name}_mib")].as_f64()?,
-            ))
-        });
-        let (torch_seconds, torch_mib, time_ratio, memory_ratio) = match torch {
-            Some((seconds, mib)) => (
-                format!("{seconds:.3}"),
+        let torch_mib = report
+            .as_ref()
+            .ok()
+            .and_then(|json| json["peak_rss_mib"].as_f64());
+        let (torch_time, time_ratio) = if torch_seconds.len() == measured.seconds.len() {
+            let ratios = measured
+                .seconds
+                .iter()
+                .zip(torch_seconds)
+                .map(|(rust, torch)| rust / torch)
+                .collect();
+            (
+                format!("{:.3}", bench_support::median(torch_seconds.clone())),
+                format!("{:.2}", bench_support::median(ratios)),
+            )
+        } else {
+            ("-".into(), "-".into())
+        };
+        let (torch_memory, memory_ratio) = match torch_mib {
+            Some(mib) => (
                 format!("{mib:.0}"),
-                format!("{:.2}", measured.seconds / seconds),
                 format!("{:.2}", measured.peak_mib / mib),
             ),
-            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+            None => ("-".into(), "-".into()),
         };
         let (autograd_seconds, autograd_mib) = match autograd {
             Ok(autograd) => (
-                format!("{:.3}", autograd.seconds),
+                format!("{:.3}", autograd.median()),
                 format!("{:.0}", autograd.peak_mib),
             ),
             Err(_) => ("failed".into(), "-".into()),
         };
         println!(
-            "| {name} | {} | {:.3} | {:.0} | {torch_seconds} | {torch_mib} | {time_ratio} | {memory_ratio} | {autograd_seconds} | {autograd_mib} |",
+            "| {name} | {} | {:.3} | {:.0} | {torch_time} | {torch_memory} | {time_ratio} | {memory_ratio} | {autograd_seconds} | {autograd_mib} |",
             if *checkpointing { "yes" } else { "no" },
-            measured.seconds,
+            measured.median(),
             measured.peak_mib,
         );
     }

@@ -11,9 +11,8 @@ use std::process::Command;
 /// The Python interpreter of the reference environment.
 pub const DEFAULT_PYTHON: &str = "/work/venv-ref/bin/python";
 
-/// Runs `tools/bench/{script}` with `arguments` and returns its standard output, or why it could
-/// not run (no Python, or the script failed: the last lines of its error output).
-pub fn run_reference(script: &str, arguments: &[String]) -> Result<String, String> {
+/// The command that runs `tools/bench/{script}` with the reference Python, or why there is none.
+pub fn reference_command(script: &str) -> Result<Command, String> {
     let python = std::env::var_os("FLUX2_REF_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PYTHON));
@@ -26,15 +25,99 @@ pub fn run_reference(script: &str, arguments: &[String]) -> Result<String, Strin
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tools/bench")
         .join(script);
-    let output = Command::new(&python)
-        .arg(&script)
+    let mut command = Command::new(python);
+    command.arg(script);
+    Ok(command)
+}
+
+/// A child process that runs timed steps on demand, so that two implementations can alternate
+/// step by step and see the same load of a shared machine (single timings there move by up to
+/// 40 %). Protocol, one line each way: the child prints `ready` once set up; `step` makes it run
+/// one step and print its seconds; `done` makes it print one final line (its peak memory and
+/// what else it reports) and exit.
+pub struct StepServer {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+    name: String,
+}
+
+impl StepServer {
+    pub fn spawn(mut command: Command, name: &str) -> Result<Self, String> {
+        use std::process::Stdio;
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            // Inherited: a failing child's message shows where the benchmark runs.
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        let input = child.stdin.take().ok_or("no stdin")?;
+        let output = std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        let mut server = Self {
+            child,
+            input,
+            output,
+            name: name.to_string(),
+        };
+        let first = server.read_line()?;
+        if first != "ready" {
+            return Err(format!("{name} did not start: {first:?}"));
+        }
+        Ok(server)
+    }
+
+    fn read_line(&mut self) -> Result<String, String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let read = self
+            .output
+            .read_line(&mut line)
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        if read == 0 {
+            return Err(format!(
+                "{} exited early (its error output is above)",
+                self.name
+            ));
+        }
+        Ok(line.trim().to_string())
+    }
+
+    fn send(&mut self, command: &str) -> Result<(), String> {
+        use std::io::Write;
+        writeln!(self.input, "{command}")
+            .and_then(|_| self.input.flush())
+            .map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// Runs one step in the child; its seconds.
+    pub fn step(&mut self) -> Result<f64, String> {
+        self.send("step")?;
+        let line = self.read_line()?;
+        line.parse()
+            .map_err(|_| format!("{}: expected seconds, got {line:?}", self.name))
+    }
+
+    /// Ends the child; its final line.
+    pub fn done(mut self) -> Result<String, String> {
+        self.send("done")?;
+        let line = self.read_line()?;
+        let _ = self.child.wait();
+        Ok(line)
+    }
+}
+
+/// Runs `tools/bench/{script}` with `arguments` and returns its standard output, or why it could
+/// not run (no Python, or the script failed: the last lines of its error output).
+pub fn run_reference(script: &str, arguments: &[String]) -> Result<String, String> {
+    let output = reference_command(script)?
         .args(arguments)
         .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+        .map_err(|e| format!("cannot run {script}: {e}"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(format!("{} failed: {}", script.display(), tail.join(" | ")));
+        return Err(format!("{script} failed: {}", tail.join(" | ")));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

@@ -23,38 +23,6 @@ fn product(a: &[bf16], rows: usize, k: usize, b: &PackedB, n: usize, out: &mut [
     debug_assert!(done, "AMX was checked to be available");
 }
 
-/// `values` `[rows, columns]` transposed into bf16 `[columns, rows]`, in 32 x 32 tiles so that
-/// the strided writes stay within a few cache lines (a plain column scatter took as long as the
-/// products).
-fn transposed_bf16(values: &[f32], rows: usize, columns: usize) -> Vec<bf16> {
-    const TILE: usize = 32;
-    let mut out = vec![bf16::ZERO; rows * columns];
-    vectorised(
-        #[inline(always)]
-        || {
-            for row_start in (0..rows).step_by(TILE) {
-                let row_end = (row_start + TILE).min(rows);
-                for column_start in (0..columns).step_by(TILE) {
-                    let column_end = (column_start + TILE).min(columns);
-                    // Rows are read whole into a transposed tile held in L1, then written whole.
-                    let mut tile = [[bf16::ZERO; TILE]; TILE];
-                    for r in row_start..row_end {
-                        let row = &values[r * columns + column_start..r * columns + column_end];
-                        for (c, &v) in row.iter().enumerate() {
-                            tile[c][r - row_start] = round_to_bf16(v);
-                        }
-                    }
-                    for (c, tile_row) in (column_start..column_end).zip(tile.iter()) {
-                        out[c * rows + row_start..c * rows + row_end]
-                            .copy_from_slice(&tile_row[..row_end - row_start]);
-                    }
-                }
-            }
-        },
-    );
-    out
-}
-
 /// Per head: `K^T` `[d, L]`, `V` `[L, d]` packed for the forward.
 struct ForwardPacks {
     keys_transposed: PackedB,
@@ -204,7 +172,10 @@ pub(super) fn backward(
             }
         ];
         let mut score_grad = vec![0f32; BLOCK_ROWS * length];
-        let mut keys_part = vec![0f32; length * head_dim];
+        // dV^T and dK^T `[d, L]`, transposed into the head's gradients at the end.
+        let mut dv_transposed = vec![0f32; head_dim * length];
+        let mut dk_transposed = vec![0f32; head_dim * length];
+        let mut part_transposed = vec![0f32; head_dim * length];
         let mut query_part = vec![0f32; BLOCK_ROWS * head_dim];
         for block in 0..length.div_ceil(BLOCK_ROWS) {
             let first = block * BLOCK_ROWS;
@@ -222,26 +193,20 @@ pub(super) fn backward(
                     buffer
                 }
             };
-            // dV += P^T dO
-            let p_transposed = transposed_bf16(probabilities, rows, length);
-            let d_packed = PackedB::new(d_block, rows, head_dim, head_dim, 1);
+            // dV^T += dO^T P: P is the packed operand as it is laid out (`[rows, L]`), so
+            // only the small `dO` block is transposed.
+            let p16 = to_bf16(probabilities);
+            let p_packed = PackedB::new(&p16, rows, length, length, 1);
+            let d_transposed = transposed_small(d_block, rows, head_dim);
             product(
-                &p_transposed,
-                length,
-                rows,
-                &d_packed,
+                &d_transposed,
                 head_dim,
-                &mut keys_part,
+                rows,
+                &p_packed,
+                length,
+                &mut part_transposed,
             );
-            vectorised(
-                #[inline(always)]
-                || {
-                    dv_head
-                        .iter_mut()
-                        .zip(&keys_part)
-                        .for_each(|(a, b)| *a += b)
-                },
-            );
+            add_scaled(&mut dv_transposed, &part_transposed, 1.0);
             // dS = P (dO V^T - delta)
             product(
                 d_block,
@@ -271,28 +236,62 @@ pub(super) fn backward(
                         .for_each(|(a, b)| *a = b * scale)
                 },
             );
-            // dK += s dS^T Q
-            let score_grad_transposed = transposed_bf16(score_grad, rows, length);
-            let q_packed = PackedB::new(q_block, rows, head_dim, head_dim, 1);
+            // dK^T += s Q^T dS, as dV.
+            let score_grad_packed = PackedB::new(&score_grad16, rows, length, length, 1);
+            let q_transposed = transposed_small(q_block, rows, head_dim);
             product(
-                &score_grad_transposed,
-                length,
-                rows,
-                &q_packed,
+                &q_transposed,
                 head_dim,
-                &mut keys_part,
+                rows,
+                &score_grad_packed,
+                length,
+                &mut part_transposed,
             );
-            vectorised(
-                #[inline(always)]
-                || {
-                    dk_head
-                        .iter_mut()
-                        .zip(&keys_part)
-                        .for_each(|(a, b)| *a += b * scale)
-                },
-            );
+            add_scaled(&mut dk_transposed, &part_transposed, scale);
         }
+        add_transposed(dv_head, &dv_transposed, head_dim, length);
+        add_transposed(dk_head, &dk_transposed, head_dim, length);
     })
+}
+
+/// `values` `[rows, columns]` transposed into `[columns, rows]` (small blocks: a `dO` or `q`
+/// block of one head).
+fn transposed_small(values: &[bf16], rows: usize, columns: usize) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; rows * columns];
+    for (r, row) in values.chunks_exact(columns).take(rows).enumerate() {
+        for (c, &value) in row.iter().enumerate() {
+            out[c * rows + r] = value;
+        }
+    }
+    out
+}
+
+/// `target += scale * part`.
+fn add_scaled(target: &mut [f32], part: &[f32], scale: f32) {
+    vectorised(
+        #[inline(always)]
+        || {
+            target
+                .iter_mut()
+                .zip(part)
+                .for_each(|(t, p)| *t += p * scale)
+        },
+    );
+}
+
+/// `target[l, c] += transposed[c, l]` for `target` `[length, width]`, in 16 x 16 tiles.
+fn add_transposed(target: &mut [f32], transposed: &[f32], width: usize, length: usize) {
+    const TILE: usize = 16;
+    for l0 in (0..length).step_by(TILE) {
+        for c0 in (0..width).step_by(TILE) {
+            for c in c0..(c0 + TILE).min(width) {
+                let row = &transposed[c * length..];
+                for l in l0..(l0 + TILE).min(length) {
+                    target[l * width + c] += row[l];
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
