@@ -463,7 +463,7 @@ pub fn padded_block(
     stride: usize,
     padded_width: usize,
 ) -> Vec<bf16> {
-    let mut block = vec![bf16::ZERO; BLOCK_ROWS * padded_width];
+    let mut block = crate::nn::fused::zeroed_bf16(BLOCK_ROWS * padded_width);
     for r in 0..rows.min(BLOCK_ROWS) {
         block[r * padded_width..r * padded_width + width]
             .copy_from_slice(&source[r * stride..r * stride + width]);

@@ -37,7 +37,7 @@ impl AlignedWords {
     /// `length` zero words.
     pub fn zeroed(length: usize) -> Self {
         Self {
-            lines: vec![CacheLine([0; 16]); length.div_ceil(16)],
+            lines: crate::nn::host::filled(length.div_ceil(16), CacheLine([0; 16])),
             length,
         }
     }

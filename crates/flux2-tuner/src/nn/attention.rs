@@ -22,6 +22,10 @@ use crate::nn::softmax::{exp, softmax_in_place};
 /// candle path.
 const MAX_SCORE_ELEMENTS: usize = 1 << 26;
 
+/// Query rows per task of the f32 kernel: each task's `gemm` calls pack the head's `K^T` and `V`
+/// again, so more rows per task spread that packing over more products.
+const F32_BLOCK_ROWS: usize = 128;
+
 /// `softmax(q k^T / sqrt(d)) v`, the softmax in f32.
 ///
 /// # Shapes
@@ -153,6 +157,11 @@ impl Shapes {
         self.queries.div_ceil(BLOCK_ROWS)
     }
 
+    /// Blocks of `F32_BLOCK_ROWS` queries.
+    fn f32_query_blocks(&self) -> usize {
+        self.queries.div_ceil(F32_BLOCK_ROWS)
+    }
+
     /// Index in the `[b, l, heads * d]` output of element `j` of query `row` of head `bh`.
     fn output_index(&self, bh: usize, row: usize, j: usize) -> usize {
         let (batch, head) = (bh / self.heads, bh % self.heads);
@@ -211,7 +220,7 @@ fn fused_bf16(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         ..
     } = shapes;
     let pairs = shapes.batch * shapes.heads;
-    let mut out = vec![bf16::ZERO; pairs * queries * head_dim];
+    let mut out = crate::nn::fused::zeroed_bf16(pairs * queries * head_dim);
     let target = SharedOutput(out.as_mut_ptr());
     with_qkv(q, k, v, |qs, ks, vs| {
         let (qs, ks, vs) = (bf16_data(qs)?, bf16_data(ks)?, bf16_data(vs)?);
@@ -452,23 +461,23 @@ fn fused_f32(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         ..
     } = shapes;
     let pairs = shapes.batch * shapes.heads;
-    let mut out = vec![0f32; pairs * queries * head_dim];
+    let mut out = crate::nn::host::zeroed_f32(pairs * queries * head_dim);
     let target = SharedOutput(out.as_mut_ptr());
     with_qkv(q, k, v, |qs, ks, vs| {
         let (qs, ks, vs) = (f32_data(qs)?, f32_data(ks)?, f32_data(vs)?);
         let head = keys * head_dim;
         let scale = shapes.scale();
         let row_stride = shapes.heads * head_dim;
-        (0..pairs * shapes.query_blocks())
+        (0..pairs * shapes.f32_query_blocks())
             .into_par_iter()
             .for_each(|task| {
                 vectorised(
                     #[inline(always)]
                     || {
                         let (bh, block) =
-                            (task / shapes.query_blocks(), task % shapes.query_blocks());
-                        let first = block * BLOCK_ROWS;
-                        let rows = (queries - first).min(BLOCK_ROWS);
+                            (task / shapes.f32_query_blocks(), task % shapes.f32_query_blocks());
+                        let first = block * F32_BLOCK_ROWS;
+                        let rows = (queries - first).min(F32_BLOCK_ROWS);
                         let q_rows = &qs[(bh * queries + first) * head_dim..];
                         let (k_head, v_head) = (
                             &ks[bh * head..bh * head + head],

@@ -56,9 +56,15 @@ pub fn round_to_bf16(value: f32) -> bf16 {
     bf16::from_bits(result)
 }
 
+/// `length` bf16 zeros (see [`crate::nn::host::filled`]; `vec![bf16::ZERO; length]` would also
+/// write them one by one on one core).
+pub fn zeroed_bf16(length: usize) -> Vec<bf16> {
+    crate::nn::host::filled(length, bf16::ZERO)
+}
+
 /// `values` rounded to bf16 (to nearest even).
 pub fn rounded_to_bf16(values: &[f32]) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; values.len()];
+    let mut out = zeroed_bf16(values.len());
     crate::nn::host::vectorised(
         #[inline(always)]
         || {
@@ -140,7 +146,7 @@ fn modulate_typed<T: Element>(
             "modulate: shift/scale do not match x's batch and channels".into(),
         ));
     }
-    let mut out = vec![T::from_f32(0.0); x.elem_count()];
+    let mut out = crate::nn::host::filled(x.elem_count(), T::from_f32(0.0));
     with_values::<T, _>(x, |values| {
         out.par_chunks_mut(channels * ROWS_PER_TASK)
             .zip(values.par_chunks(channels * ROWS_PER_TASK))
@@ -204,7 +210,7 @@ fn gated_add_typed<T: Element>(x: &Tensor, gate: &[f32], y: &Tensor) -> Result<T
         )));
     }
     let y = y.to_dtype(<T as candle_core::WithDType>::DTYPE)?;
-    let mut out = vec![T::from_f32(0.0); x.elem_count()];
+    let mut out = crate::nn::host::filled(x.elem_count(), T::from_f32(0.0));
     with_values::<T, _>(x, |xs| {
         with_values::<T, _>(&y, |ys| {
             out.par_chunks_mut(channels * ROWS_PER_TASK)
@@ -339,9 +345,9 @@ fn qk_norm_rope_typed<T: Element>(
     let per_output = batch * heads * length * head_dim;
     let zero = T::from_f32(0.0);
     let (mut q, mut k, mut v) = (
-        vec![zero; per_output],
-        vec![zero; per_output],
-        vec![zero; per_output],
+        crate::nn::host::filled(per_output, zero),
+        crate::nn::host::filled(per_output, zero),
+        crate::nn::host::filled(per_output, zero),
     );
     with_values::<T, _>(projected, |values| {
         // One task per (sample, head): it owns the `[l, d]` slab of that head in q, k and v.
@@ -430,7 +436,7 @@ fn swiglu_typed<T: Element>(x: &Tensor, column: usize, width: usize) -> Result<T
         )));
     }
     let rows = x.elem_count() / row_width.max(1);
-    let mut out = vec![T::from_f32(0.0); rows * half];
+    let mut out = crate::nn::host::filled(rows * half, T::from_f32(0.0));
     with_values::<T, _>(x, |values| {
         out.par_chunks_mut(half * ROWS_PER_TASK)
             .zip(values.par_chunks(row_width * ROWS_PER_TASK))
@@ -493,6 +499,13 @@ mod tests {
     }
 
     /// Each kernel against the candle op chain it replaces, batch 2 (per-sample modulation).
+    #[test]
+    fn zeroed_bf16_buffers_hold_zeros() {
+        let zeros = zeroed_bf16(1000);
+        assert_eq!(zeros.len(), 1000);
+        assert!(zeros.iter().all(|v| v.to_bits() == 0));
+    }
+
     #[test]
     fn kernels_match_their_op_chains() -> Result<()> {
         let x = random(&[2, 5, 24], 1)?;

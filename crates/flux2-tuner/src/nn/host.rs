@@ -88,6 +88,37 @@ fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Buffers at least this long are filled by the thread pool.
+const PARALLEL_FILL: usize = 1 << 18;
+
+/// `length` copies of `value`. Large buffers are written by the thread pool: the models'
+/// activations are allocated on the calling thread, and a freed heap block that is reused must
+/// be filled again (`calloc` zeroes it alone), which otherwise runs on one core between the
+/// parallel products.
+pub fn filled<T: Copy + Send + Sync>(length: usize, value: T) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = Vec::with_capacity(length);
+    let spare = &mut out.spare_capacity_mut()[..length];
+    let fill = |chunk: &mut [std::mem::MaybeUninit<T>]| {
+        for slot in chunk {
+            slot.write(value);
+        }
+    };
+    if length >= PARALLEL_FILL {
+        spare.par_chunks_mut(PARALLEL_FILL / 4).for_each(fill);
+    } else {
+        fill(spare);
+    }
+    // SAFETY: every one of the `length` elements was written above.
+    unsafe { out.set_len(length) };
+    out
+}
+
+/// `length` f32 zeros (see [`filled`]).
+pub fn zeroed_f32(length: usize) -> Vec<f32> {
+    filled(length, 0.0)
+}
+
 thread_local! {
     static SCRATCH_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }

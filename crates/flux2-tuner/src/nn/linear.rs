@@ -56,7 +56,7 @@ fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     let (rows, in_features) = x.dims2()?;
     let out_features = weight.dim(0)?;
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let mut y = vec![bf16::ZERO; rows * out_features];
+    let mut y = crate::nn::fused::zeroed_bf16(rows * out_features);
     with_data(&x, |xs, x_offset| {
         with_data(&weight, |ws, w_offset| {
             let (xs, ws) = (bf16_values(xs, x_offset)?, bf16_values(ws, w_offset)?);

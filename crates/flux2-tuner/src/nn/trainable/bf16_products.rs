@@ -43,7 +43,7 @@ fn rounded_matrices(
             } else {
                 (rows, columns)
             };
-            let mut out = vec![bf16::ZERO; values.len()];
+            let mut out = crate::nn::fused::zeroed_bf16(values.len());
             const TILE: usize = 32;
             for (matrix, target) in values
                 .chunks_exact(stored_rows * stored_columns)

@@ -8,6 +8,7 @@
 //! values (q, k, v are rounded by the caller; the probabilities, score gradients and output
 //! gradients here), multiplied exactly and accumulated in f32, as AMX does.
 
+use crate::nn::host::zeroed_f32;
 use rayon::prelude::*;
 
 use super::matrix::{multiply, round_in_place, Matrix};
@@ -158,7 +159,7 @@ pub(super) fn probability_store(
     keep: bool,
 ) -> (Option<Vec<f32>>, SharedOutput<f32>) {
     let mut store =
-        keep.then(|| vec![0f32; shape.batch * shape.heads * shape.length * shape.length]);
+        keep.then(|| zeroed_f32(shape.batch * shape.heads * shape.length * shape.length));
     let pointer = SharedOutput(
         store
             .as_mut()
@@ -205,7 +206,7 @@ pub(super) fn forward_f32(
     let pairs = shape.batch * shape.heads;
     let scale = shape.scale();
     assert!(out.len() >= (shape.batch * length - 1) * shape.out_stride + shape.heads * head_dim);
-    let mut logsumexp = vec![0f32; pairs * length];
+    let mut logsumexp = zeroed_f32(pairs * length);
     let target = SharedOutput(out.as_mut_ptr());
     let out_len = out.len();
     // Tasks are (pair, block); their logsumexp rows are disjoint, as are their output rows.
@@ -342,7 +343,7 @@ pub(super) fn head_gradients(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let head = shape.head();
     let size = shape.batch * shape.heads * head;
-    let (mut dq, mut dk, mut dv) = (vec![0f32; size], vec![0f32; size], vec![0f32; size]);
+    let (mut dq, mut dk, mut dv) = (zeroed_f32(size), zeroed_f32(size), zeroed_f32(size));
     dq.par_chunks_mut(head)
         .zip(dk.par_chunks_mut(head))
         .zip(dv.par_chunks_mut(head))

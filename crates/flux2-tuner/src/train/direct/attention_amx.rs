@@ -4,6 +4,7 @@
 //! packed once per head. Used when AMX is available; the results equal the f32 path's up to the
 //! order of the f32 accumulation.
 
+use crate::nn::host::zeroed_f32;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -61,7 +62,7 @@ pub(super) fn forward(
             }
         })
         .collect();
-    let mut logsumexp = vec![0f32; pairs * length];
+    let mut logsumexp = zeroed_f32(pairs * length);
     let lse_target = SharedOutput(logsumexp.as_mut_ptr());
     let (kept_probabilities, kept) = probability_store(shape, keep_probabilities);
     let out_target = SharedOutput(out.as_mut_ptr());
@@ -81,7 +82,7 @@ pub(super) fn forward(
             length,
             &mut scores,
         );
-        let mut probabilities = vec![bf16::ZERO; rows * length];
+        let mut probabilities = crate::nn::fused::zeroed_bf16(rows * length);
         for (r, (row, p_row)) in scores
             .chunks_exact_mut(length)
             .zip(probabilities.chunks_exact_mut(length))
@@ -257,7 +258,7 @@ pub(super) fn backward(
 /// `values` `[rows, columns]` transposed into `[columns, rows]` (small blocks: a `dO` or `q`
 /// block of one head).
 fn transposed_small(values: &[bf16], rows: usize, columns: usize) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; rows * columns];
+    let mut out = crate::nn::fused::zeroed_bf16(rows * columns);
     for (r, row) in values.chunks_exact(columns).take(rows).enumerate() {
         for (c, &value) in row.iter().enumerate() {
             out[c * rows + r] = value;

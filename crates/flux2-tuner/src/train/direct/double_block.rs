@@ -6,6 +6,7 @@
 //! `x1 = x + gate0 proj(attn)`, `m1 = modulate1(x1)`, `h = mlp.0(m1)`, `a = swiglu(h)`,
 //! `y = x1 + gate1 mlp.2(a)`.
 
+use crate::nn::host::zeroed_f32;
 use super::attention::{self, AttentionSaved};
 use super::context::{norm_scales, Modulation, StepContext, Stream, NORM_EPS};
 use super::linear::{self, Gradients, LinearSaved};
@@ -87,7 +88,7 @@ pub(super) fn forward(
 ) -> Result<(Vec<f32>, Vec<f32>, DoubleTape)> {
     let hidden = context.hidden;
     let joint = context.batch * context.heads * context.joint_length() * context.head_dim;
-    let (mut q, mut k, mut v) = (vec![0f32; joint], vec![0f32; joint], vec![0f32; joint]);
+    let (mut q, mut k, mut v) = (zeroed_f32(joint), zeroed_f32(joint), zeroed_f32(joint));
     let mut before = Vec::with_capacity(2);
     for (image, x) in [(true, img), (false, txt)] {
         let inputs = stream_inputs(block, context, image);
@@ -119,7 +120,7 @@ pub(super) fn forward(
             round_in_place(values);
         }
     }
-    let mut out = vec![0f32; context.joint_rows() * hidden];
+    let mut out = zeroed_f32(context.joint_rows() * hidden);
     let attention = attention::forward(
         context.attention(hidden),
         &q,
@@ -163,7 +164,7 @@ pub(super) fn forward(
             context.batch,
         )?;
         let width = mlp_in.len() / rows.max(1) / 2;
-        let mut activated = vec![0f32; rows * width];
+        let mut activated = zeroed_f32(rows * width);
         swiglu_forward(
             &mlp_in,
             SwigluColumns {
@@ -233,7 +234,7 @@ fn stream_backward_to_attention(
     let [attention_mod, mlp_mod] = inputs.modulation;
     let width = tape.activated.len() / rows.max(1);
     let d_mlp_out = gated(d_out, &mlp_mod.gate, hidden, length);
-    let mut d_activated = vec![0f32; rows * width];
+    let mut d_activated = zeroed_f32(rows * width);
     linear::backward(
         &inputs.mlp.layer_2,
         gradients,
@@ -243,7 +244,7 @@ fn stream_backward_to_attention(
         rows,
         Some(&mut d_activated),
     )?;
-    let mut d_mlp_in = vec![0f32; rows * 2 * width];
+    let mut d_mlp_in = zeroed_f32(rows * 2 * width);
     swiglu_backward(
         &tape.mlp_in,
         SwigluColumns {
@@ -256,7 +257,7 @@ fn stream_backward_to_attention(
         0,
         &mut d_mlp_in,
     );
-    let mut d_modulated_1 = vec![0f32; rows * hidden];
+    let mut d_modulated_1 = zeroed_f32(rows * hidden);
     linear::backward(
         &inputs.mlp.layer_0,
         gradients,
@@ -277,7 +278,7 @@ fn stream_backward_to_attention(
         &mut d_x1,
     );
     let d_projected = gated(&d_x1, &attention_mod.gate, hidden, length);
-    let mut d_attended = vec![0f32; rows * hidden];
+    let mut d_attended = zeroed_f32(rows * hidden);
     linear::backward(
         &inputs.attention.proj,
         gradients,
@@ -302,7 +303,7 @@ pub(super) fn backward(
     input_gradients: bool,
 ) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
     let hidden = context.hidden;
-    let mut d_out = vec![0f32; context.joint_rows() * hidden];
+    let mut d_out = zeroed_f32(context.joint_rows() * hidden);
     let mut residuals = Vec::with_capacity(2);
     for (image, stream_tape, d_stream) in [(true, &tape.img, d_img), (false, &tape.txt, d_txt)] {
         let inputs = stream_inputs(block, context, image);
@@ -329,12 +330,12 @@ pub(super) fn backward(
         let length = inputs.stream.length;
         let rows = context.batch * length;
         let scales = norm_scales(&inputs.attention.norm)?;
-        let mut d_qkv = vec![0f32; rows * 3 * hidden];
+        let mut d_qkv = zeroed_f32(rows * 3 * hidden);
         context
             .qk_norm_rope(inputs.stream, 3 * hidden, &scales)
             .backward(&stream_tape.qkv, &dq, &dk, &dv, &mut d_qkv);
         if input_gradients {
-            let mut d_modulated_0 = vec![0f32; rows * hidden];
+            let mut d_modulated_0 = zeroed_f32(rows * hidden);
             linear::backward(
                 &inputs.attention.qkv,
                 gradients,

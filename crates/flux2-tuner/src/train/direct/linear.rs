@@ -8,6 +8,7 @@
 //! dropout multiply `x D^T` by a mask `M` (kept entries `1 / (1 - p)` for network dropout) and
 //! the scale by `1 / (1 - p_rank)`; the backward then uses `(x D^T) M` and `(dy U) M`.
 
+use crate::nn::host::zeroed_f32;
 use std::collections::HashMap;
 
 use std::sync::Arc;
@@ -43,7 +44,7 @@ impl Gradients {
 
     /// The accumulator of parameter `slot` (zeros at first).
     fn buffer(&mut self, slot: usize, length: usize) -> &mut [f32] {
-        self.values[slot].get_or_insert_with(|| vec![0f32; length])
+        self.values[slot].get_or_insert_with(|| zeroed_f32(length))
     }
 
     /// Each parameter's gradient, in the order of the parameters (`None` where none was made).
@@ -182,7 +183,7 @@ pub(super) fn forward(
     batch: usize,
 ) -> Result<(Vec<f32>, LinearSaved)> {
     let (in_features, out_features) = (linear.in_features(), linear.out_features());
-    let mut y = vec![0f32; rows * out_features];
+    let mut y = zeroed_f32(rows * out_features);
     with_weight(linear, |weight| {
         weight.forward(x, rows, in_features, &mut y)
     })?;
@@ -192,7 +193,7 @@ pub(super) fn forward(
             saved.push(None);
             continue;
         }
-        let mut h = vec![0f32; rows * adapter.rank];
+        let mut h = zeroed_f32(rows * adapter.rank);
         let x_matrix = Matrix::rows(x, rows, in_features);
         multiply(
             &mut h,
@@ -251,7 +252,7 @@ pub(super) fn backward(
         };
         let (rank, scale) = (adapter.rank, kept.scale);
         // `(dy U) M`, `[rows, rank]`.
-        let mut g = vec![0f32; rows * rank];
+        let mut g = zeroed_f32(rows * rank);
         multiply(
             &mut g,
             rank,

@@ -33,6 +33,7 @@ mod qk_norm_rope;
 mod rows;
 mod single_block;
 
+use crate::nn::host::zeroed_f32;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::Result;
@@ -113,7 +114,7 @@ pub fn forward_backward(
         });
         (img, txt) = (img_out, txt_out);
     }
-    let mut joint = vec![0f32; context.joint_rows() * hidden];
+    let mut joint = zeroed_f32(context.joint_rows() * hidden);
     context.scatter(context.text, &txt, &mut joint, hidden);
     context.scatter(context.image, &img, &mut joint, hidden);
     drop((img, txt));
@@ -143,7 +144,7 @@ pub fn forward_backward(
     let tail_gradients = loss.backward()?;
     let mut d_joint = match tail_gradients.get(joint_var.as_tensor()) {
         Some(gradient) => values(gradient)?,
-        None => vec![0f32; context.joint_rows() * hidden],
+        None => zeroed_f32(context.joint_rows() * hidden),
     };
 
     for (index, kept) in singles.into_iter().enumerate().rev() {

@@ -3,6 +3,7 @@
 //! `row / rows_per_sample`): the adaLN modulation `(1 + scale) * LayerNorm(x) + shift`, the gated
 //! residual `x + gate * y` and SwiGLU `silu(a) * b`.
 
+use crate::nn::host::zeroed_f32;
 use rayon::prelude::*;
 
 use crate::nn::host::vectorised;
@@ -45,7 +46,7 @@ pub(super) fn modulate_forward(
     eps: f32,
 ) -> (Vec<f32>, Vec<RowStatistics>) {
     let rows = x.len() / channels;
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeroed_f32(x.len());
     let mut statistics = vec![RowStatistics::default(); rows];
     out.par_chunks_mut(channels * ROWS_PER_TASK)
         .zip(statistics.par_chunks_mut(ROWS_PER_TASK))
@@ -138,7 +139,7 @@ pub(super) fn gated_add(
     channels: usize,
     rows_per_sample: usize,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeroed_f32(x.len());
     for_each_row(
         &mut out,
         channels,
@@ -163,7 +164,7 @@ pub(super) fn gated(
     channels: usize,
     rows_per_sample: usize,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; d_out.len()];
+    let mut out = zeroed_f32(d_out.len());
     for_each_row(
         &mut out,
         channels,

@@ -2,6 +2,7 @@
 //! `m = modulate(x)`, `p = linear1(m)` = `[q | k | v | mlp_in]`, joint attention,
 //! `j = [attention | swiglu(mlp_in)]`, `y = x + gate linear2(j)`.
 
+use crate::nn::host::zeroed_f32;
 use super::attention::{self, AttentionSaved};
 use super::context::{norm_scales, StepContext, NORM_EPS};
 use super::linear::{self, Gradients, LinearSaved};
@@ -76,7 +77,7 @@ pub(super) fn forward(
     let widths = widths(context, block.linear1.out_features());
     let scales = norm_scales(&block.norm)?;
     let size = context.batch * context.heads * length * context.head_dim;
-    let (mut q, mut k, mut v) = (vec![0f32; size], vec![0f32; size], vec![0f32; size]);
+    let (mut q, mut k, mut v) = (zeroed_f32(size), zeroed_f32(size), zeroed_f32(size));
     let joint = super::context::Stream { length, offset: 0 };
     context
         .qk_norm_rope(joint, widths.projected, &scales)
@@ -86,7 +87,7 @@ pub(super) fn forward(
             round_in_place(values);
         }
     }
-    let mut joined = vec![0f32; rows * widths.joined];
+    let mut joined = zeroed_f32(rows * widths.joined);
     let attention = attention::forward(
         context.attention(widths.joined),
         &q,
@@ -137,7 +138,7 @@ pub(super) fn backward(
     let modulation = &context.single_mod;
     let widths = widths(context, block.linear1.out_features());
     let d_out = gated(d_y, &modulation.gate, hidden, length);
-    let mut d_joined = vec![0f32; rows * widths.joined];
+    let mut d_joined = zeroed_f32(rows * widths.joined);
     linear::backward(
         &block.linear2,
         gradients,
@@ -156,7 +157,7 @@ pub(super) fn backward(
         &tape.attention,
         &d_joined,
     );
-    let mut d_projected = vec![0f32; rows * widths.projected];
+    let mut d_projected = zeroed_f32(rows * widths.projected);
     let scales = norm_scales(&block.norm)?;
     let joint = super::context::Stream { length, offset: 0 };
     context
@@ -170,7 +171,7 @@ pub(super) fn backward(
         hidden,
         &mut d_projected,
     );
-    let mut d_modulated = vec![0f32; rows * hidden];
+    let mut d_modulated = zeroed_f32(rows * hidden);
     linear::backward(
         &block.linear1,
         gradients,
