@@ -4,9 +4,15 @@ a SIZE x SIZE image, the same work as `cargo run --release --example bench_ae`.
 
 Usage: python tools/bench/ae_diffusers.py --size 512 --threads N [--repeats R]
 Prints `encode_seconds=<best>` and `decode_seconds=<best>`.
+
+With --serve it works on demand instead, so that the Rust benchmark can alternate its passes with
+these (both then see the same load of a shared machine): prints `ready`, then reads one command per
+line from stdin, `encode` or `decode` (runs it, prints its seconds) or `done` (prints the torch
+version and exits).
 """
 
 import argparse
+import sys
 import time
 
 import torch
@@ -18,6 +24,7 @@ def main():
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--serve", action="store_true", help="work on demand (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -36,6 +43,26 @@ def main():
         b, c, h, w = z.shape
         z = z.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
         return vae.decode(z).sample
+
+    if args.serve:
+        with torch.inference_mode():
+            latents = encode(image)
+            print("ready", flush=True)
+            for line in sys.stdin:
+                command = line.strip()
+                start = time.perf_counter()
+                if command == "encode":
+                    latents = encode(image)
+                elif command == "decode":
+                    decoded = decode(latents)
+                    assert decoded.shape == image.shape, decoded.shape
+                elif command == "done":
+                    print(f"torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
+                    return
+                else:
+                    raise SystemExit(f"unknown command {command!r}; expected encode, decode or done")
+                print(time.perf_counter() - start, flush=True)
+        return
 
     with torch.inference_mode():
         encode_times, decode_times = [], []

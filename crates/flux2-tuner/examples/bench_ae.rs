@@ -1,13 +1,15 @@
 //! AE benchmark on CPU (issue 3, points 5 and 6): the real-size FLUX.2 autoencoder (ch 128,
 //! ch_mult [1, 2, 4, 4], random weights written in the BFL key format, f32) encodes and decodes a
-//! SIZE x SIZE image; the best of `--repeats` runs is printed in seconds.
+//! SIZE x SIZE image, `--repeats` times; the medians are printed in seconds.
 //!
-//! The same work is then timed in PyTorch by `tools/bench/ae_diffusers.py` (diffusers
+//! The same work runs in PyTorch in `tools/bench/ae_diffusers.py --serve` (diffusers
 //! `AutoencoderKLFlux2`) with the same thread count, when a Python with torch and diffusers is
-//! found (`$FLUX2_REF_PYTHON`, else `/work/venv-ref/bin/python`), and both are printed side by side.
+//! found (`$FLUX2_REF_PYTHON`, else `/work/venv-ref/bin/python`). Each Rust pass is followed by the
+//! same PyTorch pass (single timings on a shared machine move with other tenants' load; a pair of
+//! neighbouring passes sees the same load); the ratio is the median of the per-pair ratios.
 //!
 //! ```text
-//! cargo run --release -p flux2-tuner --example bench_ae -- [--size 512] [--threads 2] [--repeats 1]
+//! cargo run --release -p flux2-tuner --example bench_ae -- [--size 512] [--threads 2] [--repeats 5]
 //!     [--mode both|decode] [--reference yes|no]
 //! ```
 //! `--mode decode --size 1024 --reference no` under `/usr/bin/time -v` measures the peak memory of a
@@ -18,6 +20,8 @@ use std::path::Path;
 use std::time::Instant;
 
 mod bench_support;
+
+use bench_support::StepServer;
 
 use candle_core::{DType, Device, Tensor};
 use flux2_tuner::checkpoint::Checkpoint;
@@ -38,7 +42,7 @@ fn parse_options() -> BenchResult<Options> {
     let mut options = Options {
         size: 512,
         threads: 2,
-        repeats: 1,
+        repeats: 5,
         encode: true,
         reference: true,
     };
@@ -103,15 +107,30 @@ fn time_section<R>(f: impl FnOnce() -> R) -> (R, Timing) {
     (result, timing)
 }
 
-/// Best timings of encode and of decode (encode is `None` in decode-only mode).
-fn time_rust(path: &Path, options: &Options) -> BenchResult<(Option<Timing>, Timing)> {
+/// What each side measured, pass by pass: Rust encode and decode timings, and the PyTorch
+/// seconds of the pass that followed each (when PyTorch serves).
+#[derive(Default)]
+struct Passes {
+    encode: Vec<Timing>,
+    decode: Vec<Timing>,
+    torch_encode: Vec<f64>,
+    torch_decode: Vec<f64>,
+}
+
+/// Encodes and decodes `--repeats` times; each Rust pass is followed by the same pass in PyTorch
+/// when `pytorch` serves, so that both see the same machine load.
+fn time_paired(
+    path: &Path,
+    options: &Options,
+    pytorch: &mut Option<StepServer>,
+) -> BenchResult<Passes> {
     let device = Device::Cpu;
     let checkpoint = Checkpoint::open(path)?;
     let autoencoder = AutoEncoder::load(&checkpoint, DType::F32, &device)?;
     let mut rng = SeededRng::new(1);
     let side = options.size;
     let latent_side = side / autoencoder.config().pixels_per_latent();
-    let (mut encode, mut decode) = (Vec::new(), Vec::new());
+    let mut passes = Passes::default();
     for _ in 0..options.repeats {
         let latents = if options.encode {
             let values: Vec<f32> = (0..3 * side * side)
@@ -119,7 +138,10 @@ fn time_rust(path: &Path, options: &Options) -> BenchResult<(Option<Timing>, Tim
                 .collect();
             let image = Tensor::from_vec(values, (1, 3, side, side), &device)?;
             let (latents, timing) = time_section(|| autoencoder.encode(&image));
-            encode.push(timing);
+            passes.encode.push(timing);
+            if let Some(server) = pytorch.as_mut() {
+                passes.torch_encode.push(server.run("encode")?);
+            }
             latents?
         } else {
             let channels = autoencoder.config().latent_channels();
@@ -127,56 +149,30 @@ fn time_rust(path: &Path, options: &Options) -> BenchResult<(Option<Timing>, Tim
             Tensor::from_vec(values, (1, channels, latent_side, latent_side), &device)?
         };
         let (image, timing) = time_section(|| autoencoder.decode(&latents));
-        decode.push(timing);
+        passes.decode.push(timing);
+        if let Some(server) = pytorch.as_mut() {
+            passes.torch_decode.push(server.run("decode")?);
+        }
         let image = image?;
         let first: f32 = image.flatten_all()?.get(0)?.to_scalar()?;
         if !first.is_finite() || image.dims() != [1, 3, side, side] {
             return Err(format!("bad decode output {:?}", image.dims()).into());
         }
     }
-    let best = |timings: &[Timing]| {
-        timings
-            .iter()
-            .copied()
-            .min_by(|a, b| a.wall.total_cmp(&b.wall))
-            .unwrap_or(Timing {
-                wall: f64::NAN,
-                cpu: f64::NAN,
-            })
-    };
-    Ok((options.encode.then(|| best(&encode)), best(&decode)))
+    Ok(passes)
 }
 
-/// The reference timings `(encode, decode, torch description)`, or why they are missing.
-fn time_pytorch(options: &Options) -> std::result::Result<(f64, f64, String), String> {
-    let script = "ae_diffusers.py";
-    let stdout = bench_support::run_reference(
-        script,
-        &[
-            "--size".to_string(),
-            options.size.to_string(),
-            "--threads".to_string(),
-            options.threads.to_string(),
-            "--repeats".to_string(),
-            options.repeats.to_string(),
-        ],
-    )?;
-    let value = |key: &str| -> std::result::Result<String, String> {
-        stdout
-            .lines()
-            .find_map(|line| line.strip_prefix(&format!("{key}=")))
-            .map(str::to_string)
-            .ok_or_else(|| format!("no {key}= in the output of {script}"))
-    };
-    let seconds = |key: &str| -> std::result::Result<f64, String> {
-        value(key)?.parse().map_err(|e| format!("{key}: {e}"))
-    };
-    let torch = stdout.lines().next().unwrap_or("torch ?").to_string();
-    Ok((
-        seconds("encode_seconds")?,
-        seconds("decode_seconds")?,
-        torch,
-    ))
+/// The PyTorch side stepping on demand, or why there is none.
+fn pytorch_server(options: &Options) -> std::result::Result<StepServer, String> {
+    let mut command = bench_support::reference_command("ae_diffusers.py")?;
+    command.args([
+        "--size",
+        &options.size.to_string(),
+        "--threads",
+        &options.threads.to_string(),
+        "--serve",
+    ]);
+    StepServer::spawn(command, "pytorch AE")
 }
 
 fn main() -> BenchResult<()> {
@@ -190,12 +186,26 @@ fn main() -> BenchResult<()> {
     std::fs::create_dir_all(&directory)?;
     let path = directory.join("ae.safetensors");
     write_random_ae(&config, &path, 0, DType::F32)?;
-    let rust = time_rust(&path, &options);
+    let pytorch = if options.reference && options.encode {
+        pytorch_server(&options)
+    } else {
+        Err("not requested".to_string())
+    };
+    let mut reference = match pytorch {
+        Ok(server) => Some(server),
+        Err(reason) => {
+            println!("PyTorch unavailable: {reason}");
+            None
+        }
+    };
+    let passes = time_paired(&path, &options, &mut reference);
     std::fs::remove_dir_all(&directory)?;
-    let (rust_encode, rust_decode) = rust?;
+    let passes = passes?;
+    let torch = reference.map(|server| server.done()).transpose()?;
 
     println!(
-        "AE, CPU, {} threads, f32: real size (ch {}, ch_mult {:?}, {} parameters), {}x{} image, best of {}",
+        "AE, CPU, {} threads, f32: real size (ch {}, ch_mult {:?}, {} parameters), {}x{} image, {} passes, each \
+         Rust pass followed by the PyTorch pass; medians, and the median of the per-pair time ratios",
         options.threads,
         config.ch,
         config.ch_mult,
@@ -204,39 +214,30 @@ fn main() -> BenchResult<()> {
         options.size,
         options.repeats
     );
-    let reference = if options.reference && options.encode {
-        time_pytorch(&options)
-    } else {
-        Err("not requested".to_string())
-    };
-    match (reference, rust_encode) {
-        (Ok((torch_encode, torch_decode, torch)), Some(rust_encode)) => {
-            println!("reference: diffusers AutoencoderKLFlux2, {torch}");
-            for (name, rust_seconds, torch_seconds) in [
-                ("encode", rust_encode, torch_encode),
-                ("decode", rust_decode, torch_decode),
-            ] {
-                println!(
-                    "ae_{name} {}px: rust {:.3} s, pytorch {torch_seconds:.3} s, ratio {:.2}",
-                    options.size,
-                    rust_seconds.wall,
-                    rust_seconds.wall / torch_seconds
-                );
-            }
+    if let Some(torch) = &torch {
+        println!("reference: diffusers AutoencoderKLFlux2, {torch}");
+    }
+    for (name, rust, torch) in [
+        ("encode", &passes.encode, &passes.torch_encode),
+        ("decode", &passes.decode, &passes.torch_decode),
+    ] {
+        if rust.is_empty() {
+            continue;
         }
-        (reference, rust_encode) => {
-            if let Err(reason) = reference {
-                println!("PyTorch unavailable: {reason}");
-            }
-            if let Some(timing) = rust_encode {
-                println!(
-                    "ae_encode {}px: rust {:.3} s (cpu {:.2} s)",
-                    options.size, timing.wall, timing.cpu
-                );
-            }
+        let wall = bench_support::median(rust.iter().map(|t| t.wall).collect());
+        let cpu = bench_support::median(rust.iter().map(|t| t.cpu).collect());
+        if torch.len() == rust.len() {
+            let ratios = rust.iter().zip(torch).map(|(r, t)| r.wall / t).collect();
             println!(
-                "ae_decode {}px: rust {:.3} s (cpu {:.2} s)",
-                options.size, rust_decode.wall, rust_decode.cpu
+                "ae_{name} {}px: rust {wall:.3} s, pytorch {:.3} s, ratio {:.2}",
+                options.size,
+                bench_support::median(torch.clone()),
+                bench_support::median(ratios)
+            );
+        } else {
+            println!(
+                "ae_{name} {}px: rust {wall:.3} s (cpu {cpu:.2} s)",
+                options.size
             );
         }
     }

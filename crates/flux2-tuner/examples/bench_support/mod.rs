@@ -92,7 +92,12 @@ impl StepServer {
 
     /// Runs one step in the child; its seconds.
     pub fn step(&mut self) -> Result<f64, String> {
-        self.send("step")?;
+        self.run("step")
+    }
+
+    /// Sends `command` (a unit of work the child knows) and returns its seconds.
+    pub fn run(&mut self, command: &str) -> Result<f64, String> {
+        self.send(command)?;
         let line = self.read_line()?;
         line.parse()
             .map_err(|_| format!("{}: expected seconds, got {line:?}", self.name))

@@ -474,8 +474,10 @@ fn fused_f32(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                 vectorised(
                     #[inline(always)]
                     || {
-                        let (bh, block) =
-                            (task / shapes.f32_query_blocks(), task % shapes.f32_query_blocks());
+                        let (bh, block) = (
+                            task / shapes.f32_query_blocks(),
+                            task % shapes.f32_query_blocks(),
+                        );
                         let first = block * F32_BLOCK_ROWS;
                         let rows = (queries - first).min(F32_BLOCK_ROWS);
                         let q_rows = &qs[(bh * queries + first) * head_dim..];

@@ -64,16 +64,8 @@ pub fn zeroed_bf16(length: usize) -> Vec<bf16> {
 
 /// `values` rounded to bf16 (to nearest even).
 pub fn rounded_to_bf16(values: &[f32]) -> Vec<bf16> {
-    let mut out = zeroed_bf16(values.len());
-    crate::nn::host::vectorised(
-        #[inline(always)]
-        || {
-            for (o, &v) in out.iter_mut().zip(values) {
-                *o = round_to_bf16(v);
-            }
-        },
-    );
-    out
+    // `round_to_bf16` is `#[inline(always)]`, so the loop vectorises.
+    crate::nn::host::mapped(values, round_to_bf16)
 }
 
 impl Element for bf16 {

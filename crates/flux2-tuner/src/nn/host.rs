@@ -88,8 +88,18 @@ fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Buffers at least this long are filled by the thread pool.
-const PARALLEL_FILL: usize = 1 << 18;
+/// Buffers of at least this many bytes are written by the thread pool, in parts of a quarter of
+/// it.
+const PARALLEL_BYTES: usize = 1 << 20;
+
+/// Elements of `T` per parallel part, and whether `length` of them are worth splitting.
+fn parallel_parts<T>(length: usize) -> (usize, bool) {
+    let size = std::mem::size_of::<T>().max(1);
+    (
+        (PARALLEL_BYTES / 4 / size).max(1),
+        length * size >= PARALLEL_BYTES,
+    )
+}
 
 /// `length` copies of `value`. Large buffers are written by the thread pool: the models'
 /// activations are allocated on the calling thread, and a freed heap block that is reused must
@@ -104,13 +114,139 @@ pub fn filled<T: Copy + Send + Sync>(length: usize, value: T) -> Vec<T> {
             slot.write(value);
         }
     };
-    if length >= PARALLEL_FILL {
-        spare.par_chunks_mut(PARALLEL_FILL / 4).for_each(fill);
+    let (part, parallel) = parallel_parts::<T>(length);
+    if parallel {
+        spare.par_chunks_mut(part).for_each(fill);
     } else {
         fill(spare);
     }
     // SAFETY: every one of the `length` elements was written above.
     unsafe { out.set_len(length) };
+    out
+}
+
+/// `map` applied to each of `values`, written by the thread pool for large inputs (as
+/// [`filled`]). Mark `map` `#[inline(always)]`: the loop is compiled for AVX-512 (see
+/// [`vectorised`]).
+pub fn mapped<T: Copy + Sync, U: Send>(values: &[T], map: impl Fn(T) -> U + Sync) -> Vec<U> {
+    use rayon::prelude::*;
+    let length = values.len();
+    let mut out = Vec::with_capacity(length);
+    let spare = &mut out.spare_capacity_mut()[..length];
+    let run = |(targets, sources): (&mut [std::mem::MaybeUninit<U>], &[T])| {
+        vectorised(
+            #[inline(always)]
+            || {
+                for (target, &source) in targets.iter_mut().zip(sources) {
+                    target.write(map(source));
+                }
+            },
+        )
+    };
+    let (part, parallel) = parallel_parts::<U>(length);
+    if parallel {
+        spare
+            .par_chunks_mut(part)
+            .zip(values.par_chunks(part))
+            .for_each(run);
+    } else {
+        run((spare, values));
+    }
+    // SAFETY: every one of the `length` elements was written above.
+    unsafe { out.set_len(length) };
+    out
+}
+
+/// `update` applied to each of `values` in place, by the thread pool for large inputs.
+pub fn update_each<T: Send>(values: &mut [T], update: impl Fn(&mut T) + Sync) {
+    use rayon::prelude::*;
+    let run = |chunk: &mut [T]| {
+        vectorised(
+            #[inline(always)]
+            || chunk.iter_mut().for_each(&update),
+        )
+    };
+    let (part, parallel) = parallel_parts::<T>(values.len());
+    if parallel {
+        values.par_chunks_mut(part).for_each(run);
+    } else {
+        run(values);
+    }
+}
+
+/// `Tensor::cat(&[a, b], dim)`, copied by the thread pool for contiguous f32 / bf16 CPU tensors
+/// that record no gradient (candle copies on one core, between parallel products); other
+/// tensors go through `Tensor::cat`.
+pub fn cat_pair(a: &Tensor, b: &Tensor, dim: usize) -> Result<Tensor> {
+    let same_outer = a.rank() == b.rank()
+        && dim < a.rank()
+        && a.dims()[..dim] == b.dims()[..dim]
+        && a.dims()[dim + 1..] == b.dims()[dim + 1..];
+    if !is_plain_cpu(&[a, b])
+        || !same_outer
+        || a.dtype() != b.dtype()
+        || !a.is_contiguous()
+        || !b.is_contiguous()
+    {
+        return Ok(Tensor::cat(&[a, b], dim)?);
+    }
+    let mut dims = a.dims().to_vec();
+    dims[dim] += b.dims()[dim];
+    let outer: usize = dims[..dim].iter().product();
+    let (a_inner, b_inner) = (a.elem_count() / outer.max(1), b.elem_count() / outer.max(1));
+    let (a_count, b_count) = (a.elem_count(), b.elem_count());
+    with_data(a, |a_storage, a_offset| {
+        with_data(b, |b_storage, b_offset| {
+            let tensor = match (a_storage, b_storage) {
+                (CpuStorage::F32(x), CpuStorage::F32(y)) => {
+                    let values = interleaved(
+                        &x[a_offset..a_offset + a_count],
+                        &y[b_offset..b_offset + b_count],
+                        outer,
+                    );
+                    Tensor::from_vec(values, dims.as_slice(), a.device())?
+                }
+                (CpuStorage::BF16(x), CpuStorage::BF16(y)) => {
+                    let values = interleaved(
+                        &x[a_offset..a_offset + a_count],
+                        &y[b_offset..b_offset + b_count],
+                        outer,
+                    );
+                    Tensor::from_vec(values, dims.as_slice(), a.device())?
+                }
+                _ => Tensor::cat(&[a, b], dim)?,
+            };
+            debug_assert_eq!(tensor.elem_count(), outer * (a_inner + b_inner));
+            Ok(tensor)
+        })
+    })
+}
+
+/// `outer` runs of `[a part, b part]`: part `o` of `a` is `a[o * |a| / outer ..]`, likewise `b`.
+fn interleaved<T: Copy + Send + Sync>(a: &[T], b: &[T], outer: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let outer = outer.max(1);
+    let (a_inner, b_inner) = (a.len() / outer, b.len() / outer);
+    let width = a_inner + b_inner;
+    let total = outer * width;
+    let mut out = Vec::with_capacity(total);
+    let copy = |(o, run): (usize, &mut [std::mem::MaybeUninit<T>])| {
+        let (first, second) = run.split_at_mut(a_inner);
+        for (slot, &value) in first.iter_mut().zip(&a[o * a_inner..(o + 1) * a_inner]) {
+            slot.write(value);
+        }
+        for (slot, &value) in second.iter_mut().zip(&b[o * b_inner..(o + 1) * b_inner]) {
+            slot.write(value);
+        }
+    };
+    let spare = &mut out.spare_capacity_mut()[..total];
+    if parallel_parts::<T>(total).1 && width > 0 {
+        spare.par_chunks_mut(width).enumerate().for_each(copy);
+    } else if width > 0 {
+        spare.chunks_mut(width).enumerate().for_each(copy);
+    }
+    // SAFETY: each of the `outer` runs of `width` slots was written above.
+    unsafe { out.set_len(total) };
     out
 }
 
@@ -134,4 +270,61 @@ pub fn with_f32_scratch<R>(length: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
         }
         f(&mut buffer[..length])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn ramp(dims: &[usize], start: f32) -> Result<Tensor> {
+        let count: usize = dims.iter().product();
+        let values: Vec<f32> = (0..count).map(|i| start + i as f32).collect();
+        Ok(Tensor::from_vec(values, dims, &Device::Cpu)?)
+    }
+
+    /// Against `Tensor::cat` along an inner and the last dimension, f32 and bf16, small and
+    /// large enough for the thread pool; a transposed input takes the fallback.
+    #[test]
+    fn cat_pair_equals_candle_cat() -> Result<()> {
+        for (a_dims, b_dims, dim) in [
+            (vec![2, 3, 5, 4], vec![2, 3, 7, 4], 2),
+            (vec![3, 6], vec![3, 9], 1),
+            (vec![1, 600, 512], vec![1, 600, 1536], 2),
+        ] {
+            for dtype in [DType::F32, DType::BF16] {
+                let a = ramp(&a_dims, 0.0)?.to_dtype(dtype)?;
+                let b = ramp(&b_dims, 0.5)?.to_dtype(dtype)?;
+                let ours = cat_pair(&a, &b, dim)?.to_dtype(DType::F32)?;
+                let candle = Tensor::cat(&[&a, &b], dim)?.to_dtype(DType::F32)?;
+                assert_eq!(ours.dims(), candle.dims());
+                let difference: f32 = (ours - candle)?.abs()?.sum_all()?.to_scalar()?;
+                assert_eq!(
+                    difference, 0.0,
+                    "{a_dims:?} + {b_dims:?} along {dim}, {dtype:?}"
+                );
+            }
+        }
+        let a = ramp(&[4, 3], 0.0)?.t()?;
+        let b = ramp(&[2, 4], 1.0)?;
+        let ours = cat_pair(&a, &b, 0)?;
+        let candle = Tensor::cat(&[&a, &b], 0)?;
+        let difference: f32 = (ours - candle)?.abs()?.sum_all()?.to_scalar()?;
+        assert_eq!(difference, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn filled_and_mapped_write_every_element() {
+        for length in [0, 5, 1 << 19] {
+            let values = filled(length, 2.5f32);
+            assert_eq!(values.len(), length);
+            assert!(values.iter().all(|&v| v == 2.5));
+            let doubled = mapped(&values, |v| v * 2.0);
+            assert!(doubled.len() == length && doubled.iter().all(|&v| v == 5.0));
+            let mut updated = values.clone();
+            update_each(&mut updated, |v| *v += 1.0);
+            assert!(updated.iter().all(|&v| v == 3.5));
+        }
+    }
 }

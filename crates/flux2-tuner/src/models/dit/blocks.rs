@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::models::dit::weights::DitWeights;
 use crate::nn::attention::attention_in_model;
 use crate::nn::fused::{self, QkNormRope};
-use crate::nn::host::is_plain_cpu;
+use crate::nn::host::{cat_pair, is_plain_cpu};
 use crate::nn::norm::{layer_norm, modulate, rms_norm};
 use crate::nn::rope::RopeTables;
 use crate::nn::Linear;
@@ -242,9 +242,9 @@ impl DoubleStreamBlock {
         let (img_q, img_k, img_v) =
             split_qkv(&img_qkv, 0, heads, &self.img_attn.norm, rope, txt_len)?;
         let (txt_q, txt_k, txt_v) = split_qkv(&txt_qkv, 0, heads, &self.txt_attn.norm, rope, 0)?;
-        let q = Tensor::cat(&[&txt_q, &img_q], 2)?;
-        let k = Tensor::cat(&[&txt_k, &img_k], 2)?;
-        let v = Tensor::cat(&[&txt_v, &img_v], 2)?;
+        let q = cat_pair(&txt_q, &img_q, 2)?;
+        let k = cat_pair(&txt_k, &img_k, 2)?;
+        let v = cat_pair(&txt_v, &img_v, 2)?;
         let joint = attention_in_model(&q, &k, &v, self.img_attn.norm.query_norm.dtype())?;
         let txt_attn = joint.narrow(1, 0, txt_len)?;
         let img_attn = joint.narrow(1, txt_len, img.dim(1)?)?;
@@ -316,7 +316,7 @@ impl SingleStreamBlock {
         } else {
             swiglu(&projected.narrow(D::Minus1, qkv_width, mlp_width)?)?
         };
-        let joined = Tensor::cat(&[&attended, &activated], D::Minus1)?;
+        let joined = cat_pair(&attended, &activated, attended.rank() - 1)?;
         modulation.gated_add(x, &self.linear2.forward(&joined)?)
     }
 }

@@ -6,7 +6,6 @@
 //! `x1 = x + gate0 proj(attn)`, `m1 = modulate1(x1)`, `h = mlp.0(m1)`, `a = swiglu(h)`,
 //! `y = x1 + gate1 mlp.2(a)`.
 
-use crate::nn::host::zeroed_f32;
 use super::attention::{self, AttentionSaved};
 use super::context::{norm_scales, Modulation, StepContext, Stream, NORM_EPS};
 use super::linear::{self, Gradients, LinearSaved};
@@ -17,6 +16,7 @@ use super::rows::{
 };
 use crate::error::{Error, Result};
 use crate::models::dit::blocks::{DoubleStreamBlock, SelfAttention, SwiGluMlp};
+use crate::nn::host::zeroed_f32;
 
 /// One stream's saved activations.
 struct StreamTape {

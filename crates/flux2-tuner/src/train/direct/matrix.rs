@@ -7,7 +7,7 @@ use half::bf16;
 
 use crate::nn::amx::{self, PackedB};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::vectorised;
+use crate::nn::host::update_each;
 
 /// A read-only strided view: element `(r, c)` is `data[r * row_stride + c * column_stride]`.
 #[derive(Clone, Copy)]
@@ -128,13 +128,10 @@ pub(super) use crate::nn::fused::rounded_to_bf16 as to_bf16;
 /// `values` rounded to the nearest bf16, kept as f32 (exact products of such values in f32 are
 /// the products AMX computes).
 pub(super) fn round_in_place(values: &mut [f32]) {
-    vectorised(
+    update_each(
+        values,
         #[inline(always)]
-        || {
-            for v in values.iter_mut() {
-                *v = round_to_bf16(*v).to_f32();
-            }
-        },
+        |v| *v = round_to_bf16(*v).to_f32(),
     );
 }
 

@@ -2,7 +2,6 @@
 //! `m = modulate(x)`, `p = linear1(m)` = `[q | k | v | mlp_in]`, joint attention,
 //! `j = [attention | swiglu(mlp_in)]`, `y = x + gate linear2(j)`.
 
-use crate::nn::host::zeroed_f32;
 use super::attention::{self, AttentionSaved};
 use super::context::{norm_scales, StepContext, NORM_EPS};
 use super::linear::{self, Gradients, LinearSaved};
@@ -13,6 +12,7 @@ use super::rows::{
 };
 use crate::error::Result;
 use crate::models::dit::blocks::SingleStreamBlock;
+use crate::nn::host::zeroed_f32;
 
 pub(super) struct SingleTape {
     x: Vec<f32>,
