@@ -193,33 +193,36 @@ pub fn cat_pair(a: &Tensor, b: &Tensor, dim: usize) -> Result<Tensor> {
     let mut dims = a.dims().to_vec();
     dims[dim] += b.dims()[dim];
     let outer: usize = dims[..dim].iter().product();
-    let (a_inner, b_inner) = (a.elem_count() / outer.max(1), b.elem_count() / outer.max(1));
     let (a_count, b_count) = (a.elem_count(), b.elem_count());
     with_data(a, |a_storage, a_offset| {
         with_data(b, |b_storage, b_offset| {
-            let tensor = match (a_storage, b_storage) {
+            let (a_range, b_range) = (a_offset..a_offset + a_count, b_offset..b_offset + b_count);
+            match (a_storage, b_storage) {
                 (CpuStorage::F32(x), CpuStorage::F32(y)) => {
-                    let values = interleaved(
-                        &x[a_offset..a_offset + a_count],
-                        &y[b_offset..b_offset + b_count],
-                        outer,
-                    );
-                    Tensor::from_vec(values, dims.as_slice(), a.device())?
+                    joined_values(&x[a_range], &y[b_range], outer, &dims, a)
                 }
                 (CpuStorage::BF16(x), CpuStorage::BF16(y)) => {
-                    let values = interleaved(
-                        &x[a_offset..a_offset + a_count],
-                        &y[b_offset..b_offset + b_count],
-                        outer,
-                    );
-                    Tensor::from_vec(values, dims.as_slice(), a.device())?
+                    joined_values(&x[a_range], &y[b_range], outer, &dims, a)
                 }
-                _ => Tensor::cat(&[a, b], dim)?,
-            };
-            debug_assert_eq!(tensor.elem_count(), outer * (a_inner + b_inner));
-            Ok(tensor)
+                _ => Ok(Tensor::cat(&[a, b], dim)?),
+            }
         })
     })
+}
+
+/// The tensor of `dims` on `like`'s device holding [`interleaved`] `a` and `b`.
+fn joined_values<T: candle_core::WithDType>(
+    a: &[T],
+    b: &[T],
+    outer: usize,
+    dims: &[usize],
+    like: &Tensor,
+) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        interleaved(a, b, outer),
+        dims,
+        like.device(),
+    )?)
 }
 
 /// `outer` runs of `[a part, b part]`: part `o` of `a` is `a[o * |a| / outer ..]`, likewise `b`.
