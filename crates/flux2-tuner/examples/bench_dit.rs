@@ -21,24 +21,15 @@ mod bench_support;
 
 use bench_support::StepServer;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use flux2_tuner::checkpoint::Checkpoint;
-use flux2_tuner::models::dit::tokens::{image_position_ids, text_position_ids};
 use flux2_tuner::models::dit::writer::write_random_dit;
-use flux2_tuner::models::dit::{DitInput, Flux2Dit};
-use flux2_tuner::util::rng::SeededRng;
+use flux2_tuner::models::dit::Flux2Dit;
 
 type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-const GRID_SIDE: usize = 32;
-const TEXT_TOKENS: usize = 128;
+use bench_support::{GRID_SIDE, TEXT_TOKENS};
 const TEXT_WIDTH: usize = 384;
-
-fn random_tensor(rng: &mut SeededRng, shape: (usize, usize, usize)) -> BenchResult<Tensor> {
-    let count = shape.0 * shape.1 * shape.2;
-    let values: Vec<f32> = (0..count).map(|_| rng.normal() as f32).collect();
-    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
-}
 
 /// Timed forward passes of the checkpoint at `path` in `dtype`, each followed by one PyTorch pass
 /// when `pytorch` serves (so that both see the same machine load). Returns the Rust seconds and
@@ -53,20 +44,8 @@ fn time_paired(
     let checkpoint = Checkpoint::open(path)?;
     let dit = Flux2Dit::load(&checkpoint, None, dtype, &device)?;
     let config = &dit.config;
-    let mut rng = SeededRng::new(0);
-    let image_tokens = random_tensor(&mut rng, (1, GRID_SIDE * GRID_SIDE, config.in_channels))?;
-    let text = random_tensor(&mut rng, (1, TEXT_TOKENS, config.context_in_dim))?;
-    let image_ids = image_position_ids(1, GRID_SIDE, GRID_SIDE, 0, &device)?;
-    let text_ids = text_position_ids(1, TEXT_TOKENS, &device)?;
-    let timesteps = Tensor::new(&[0.7f32], &device)?;
-    let input = DitInput {
-        image_tokens: &image_tokens,
-        image_position_ids: &image_ids,
-        text_embeddings: &text,
-        text_position_ids: &text_ids,
-        timesteps: &timesteps,
-        guidance: None,
-    };
+    let inputs = bench_support::MidSizeInput::new(config, &device)?;
+    let input = inputs.input();
     let (mut rust, mut torch) = (Vec::new(), Vec::new());
     for index in 0..options.warmup + options.iterations {
         let start = Instant::now();

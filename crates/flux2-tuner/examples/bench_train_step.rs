@@ -268,6 +268,24 @@ fn finish_rust(server: StepServer, seconds: Vec<f64>) -> BenchResult<Measured> {
     })
 }
 
+/// Warm-up steps, then `--iterations` timed steps of `server`, each followed by `after_step` (a
+/// PyTorch step when paired); ends the child.
+fn timed_steps(
+    mut server: StepServer,
+    options: &Options,
+    mut after_step: impl FnMut(),
+) -> BenchResult<Measured> {
+    for _ in 0..options.warmup {
+        server.step()?;
+    }
+    let mut seconds = Vec::new();
+    for _ in 0..options.iterations {
+        seconds.push(server.step()?);
+        after_step();
+    }
+    finish_rust(server, seconds)
+}
+
 /// The autograd path alone (not paired with PyTorch: it is shown for comparison only).
 fn measure_autograd(
     path: &Path,
@@ -275,14 +293,11 @@ fn measure_autograd(
     checkpointing: bool,
     options: &Options,
 ) -> BenchResult<Measured> {
-    let mut server = rust_server(path, dtype, checkpointing, true, options)?;
-    for _ in 0..options.warmup {
-        server.step()?;
-    }
-    let seconds = (0..options.iterations)
-        .map(|_| server.step())
-        .collect::<Result<Vec<_>, _>>()?;
-    finish_rust(server, seconds)
+    timed_steps(
+        rust_server(path, dtype, checkpointing, true, options)?,
+        options,
+        || {},
+    )
 }
 
 /// One dtype's rows: the direct backward without and with checkpointing, each step alternated
@@ -320,23 +335,16 @@ fn measure_paired(
     let mut rows = Vec::new();
     for checkpointing in [false, true] {
         let mut torch_seconds = Vec::new();
-        let measured = (|| -> BenchResult<Measured> {
-            let mut server = rust_server(path, dtype, checkpointing, false, options)?;
-            for _ in 0..options.warmup {
-                server.step()?;
-            }
-            let mut seconds = Vec::new();
-            for _ in 0..options.iterations {
-                seconds.push(server.step()?);
+        let measured = rust_server(path, dtype, checkpointing, false, options).and_then(|server| {
+            timed_steps(server, options, || {
                 if let Ok(reference) = pytorch.as_mut() {
                     match reference.step() {
                         Ok(step) => torch_seconds.push(step),
                         Err(error) => pytorch = Err(error),
                     }
                 }
-            }
-            finish_rust(server, seconds)
-        })();
+            })
+        });
         rows.push((checkpointing, measured, torch_seconds));
     }
     let report = pytorch.and_then(|server| {

@@ -9,20 +9,12 @@ use std::time::Instant;
 
 mod bench_support;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use flux2_tuner::checkpoint::Checkpoint;
-use flux2_tuner::models::dit::tokens::{image_position_ids, text_position_ids};
 use flux2_tuner::models::dit::writer::write_random_dit;
-use flux2_tuner::models::dit::{DitInput, Flux2Dit};
-use flux2_tuner::util::rng::SeededRng;
+use flux2_tuner::models::dit::Flux2Dit;
 
 type RunResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn random_tensor(rng: &mut SeededRng, shape: (usize, usize, usize)) -> RunResult<Tensor> {
-    let count = shape.0 * shape.1 * shape.2;
-    let values: Vec<f32> = (0..count).map(|_| rng.normal() as f32).collect();
-    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
-}
 
 fn main() -> RunResult<()> {
     flux2_tuner::util::memory::keep_freed_buffers();
@@ -57,20 +49,8 @@ fn main() -> RunResult<()> {
     let dit = Flux2Dit::load(&checkpoint, None, dtype, &device)?;
     std::fs::remove_dir_all(&directory)?;
 
-    let mut rng = SeededRng::new(0);
-    let image_tokens = random_tensor(&mut rng, (1, 32 * 32, config.in_channels))?;
-    let text = random_tensor(&mut rng, (1, 128, config.context_in_dim))?;
-    let image_ids = image_position_ids(1, 32, 32, 0, &device)?;
-    let text_ids = text_position_ids(1, 128, &device)?;
-    let timesteps = Tensor::new(&[0.7f32], &device)?;
-    let input = DitInput {
-        image_tokens: &image_tokens,
-        image_position_ids: &image_ids,
-        text_embeddings: &text,
-        text_position_ids: &text_ids,
-        timesteps: &timesteps,
-        guidance: None,
-    };
+    let inputs = bench_support::MidSizeInput::new(&config, &device)?;
+    let input = inputs.input();
     let mut seconds = Vec::new();
     let mut cpu = Vec::new();
     for index in 0..options.warmup + options.iterations {

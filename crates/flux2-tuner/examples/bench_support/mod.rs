@@ -127,6 +127,53 @@ pub fn run_reference(script: &str, arguments: &[String]) -> Result<String, Strin
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Image tokens of the mid-size benchmark: a `GRID_SIDE` x `GRID_SIDE` latent grid.
+pub const GRID_SIDE: usize = 32;
+/// Text tokens of the mid-size benchmark.
+pub const TEXT_TOKENS: usize = 128;
+
+/// The forward-pass inputs of the mid-size benchmark (batch 1, random values from seed 0), owned
+/// so that [`MidSizeInput::input`] can lend them as a `DitInput`.
+pub struct MidSizeInput {
+    image_tokens: candle_core::Tensor,
+    text: candle_core::Tensor,
+    image_ids: candle_core::Tensor,
+    text_ids: candle_core::Tensor,
+    timesteps: candle_core::Tensor,
+}
+
+impl MidSizeInput {
+    pub fn new(
+        config: &flux2_tuner::models::dit::DitConfig,
+        device: &candle_core::Device,
+    ) -> flux2_tuner::error::Result<Self> {
+        use flux2_tuner::models::dit::tokens::{image_position_ids, text_position_ids};
+        let mut rng = flux2_tuner::util::rng::SeededRng::new(0);
+        let mut random = |rows: usize, width: usize| {
+            let values: Vec<f32> = (0..rows * width).map(|_| rng.normal() as f32).collect();
+            candle_core::Tensor::from_vec(values, (1, rows, width), device)
+        };
+        Ok(Self {
+            image_tokens: random(GRID_SIDE * GRID_SIDE, config.in_channels)?,
+            text: random(TEXT_TOKENS, config.context_in_dim)?,
+            image_ids: image_position_ids(1, GRID_SIDE, GRID_SIDE, 0, device)?,
+            text_ids: text_position_ids(1, TEXT_TOKENS, device)?,
+            timesteps: candle_core::Tensor::new(&[0.7f32], device)?,
+        })
+    }
+
+    pub fn input(&self) -> flux2_tuner::models::dit::DitInput<'_> {
+        flux2_tuner::models::dit::DitInput {
+            image_tokens: &self.image_tokens,
+            image_position_ids: &self.image_ids,
+            text_embeddings: &self.text,
+            text_position_ids: &self.text_ids,
+            timesteps: &self.timesteps,
+            guidance: None,
+        }
+    }
+}
+
 /// The mid-size DiT every CPU benchmark uses (hidden 512 = 8 heads x 64, 2 double + 4 single
 /// blocks, RoPE 4 x 16, no guidance embedding); the `tools/bench` scripts build the same one.
 pub fn mid_size_dit_config(text_width: usize) -> flux2_tuner::models::dit::DitConfig {
