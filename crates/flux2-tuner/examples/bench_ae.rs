@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! cargo run --release -p flux2-tuner --example bench_ae -- [--size 512] [--threads 2] [--repeats 5]
-//!     [--mode both|decode] [--reference yes|no]
+//!     [--mode both|encode|decode] [--reference yes|no]
 //! ```
 //! `--mode decode --size 1024 --reference no` under `/usr/bin/time -v` measures the peak memory of a
 //! 1024x1024 decode.
@@ -35,6 +35,7 @@ struct Options {
     threads: usize,
     repeats: usize,
     encode: bool,
+    decode: bool,
     reference: bool,
 }
 
@@ -44,6 +45,7 @@ fn parse_options() -> BenchResult<Options> {
         threads: 2,
         repeats: 5,
         encode: true,
+        decode: true,
         reference: true,
     };
     let mut args = std::env::args().skip(1);
@@ -53,7 +55,18 @@ fn parse_options() -> BenchResult<Options> {
             "--size" => options.size = value.parse()?,
             "--threads" => options.threads = value.parse()?,
             "--repeats" => options.repeats = value.parse::<usize>()?.max(1),
-            "--mode" => options.encode = value != "decode",
+            "--mode" => {
+                (options.encode, options.decode) = match value.as_str() {
+                    "both" => (true, true),
+                    "encode" => (true, false),
+                    "decode" => (false, true),
+                    _ => {
+                        return Err(
+                            format!("--mode {value}: expected both, encode or decode").into()
+                        )
+                    }
+                }
+            }
             "--reference" => options.reference = value != "no",
             _ => {
                 return Err(format!(
@@ -148,6 +161,9 @@ fn time_paired(
             let values = rng.normal_vec(channels * latent_side * latent_side);
             Tensor::from_vec(values, (1, channels, latent_side, latent_side), &device)?
         };
+        if !options.decode {
+            continue;
+        }
         let (image, timing) = time_section(|| autoencoder.decode(&latents));
         passes.decode.push(timing);
         if let Some(server) = pytorch.as_mut() {
@@ -186,7 +202,7 @@ fn main() -> BenchResult<()> {
     std::fs::create_dir_all(&directory)?;
     let path = directory.join("ae.safetensors");
     write_random_ae(&config, &path, 0, DType::F32)?;
-    let pytorch = if options.reference && options.encode {
+    let pytorch = if options.reference {
         pytorch_server(&options)
     } else {
         Err("not requested".to_string())

@@ -266,11 +266,14 @@ fn copy_columns(
     if stride == 1 && factor == 1 {
         target.copy_from_slice(&source_row[start..start + target.len()]);
     } else if stride == 1 && factor == 2 {
-        vectorised(|| {
-            for (j, value) in target.iter_mut().enumerate() {
-                *value = source_row[(start + j) / 2];
-            }
-        });
+        vectorised(
+            #[inline(always)]
+            || {
+                for (j, value) in target.iter_mut().enumerate() {
+                    *value = source_row[(start + j) / 2];
+                }
+            },
+        );
     } else {
         for (j, value) in target.iter_mut().enumerate() {
             *value = source_row[(start + j * stride) / factor];
@@ -280,23 +283,28 @@ fn copy_columns(
 
 /// `values = swish(values * scale + shift)` (swish and bf16 rounding as `transform` says).
 pub fn apply_transform(values: &mut [f32], scale: f32, shift: f32, transform: &InputTransform) {
-    vectorised(|| {
-        if transform.swish {
-            for value in values.iter_mut() {
-                let y = *value * scale + shift;
-                *value = y / (1.0 + fast_exp(-y));
+    // Inlined into `vectorised`'s AVX-512 function: compiled on its own, this closure was
+    // baseline SSE code with a scalar float-to-integer conversion per value.
+    vectorised(
+        #[inline(always)]
+        || {
+            if transform.swish {
+                for value in values.iter_mut() {
+                    let y = *value * scale + shift;
+                    *value = y / (1.0 + fast_exp(-y));
+                }
+            } else {
+                for value in values.iter_mut() {
+                    *value = *value * scale + shift;
+                }
             }
-        } else {
-            for value in values.iter_mut() {
-                *value = *value * scale + shift;
+            if transform.round_to_bf16 {
+                for value in values.iter_mut() {
+                    *value = half::bf16::from_f32(*value).to_f32();
+                }
             }
-        }
-        if transform.round_to_bf16 {
-            for value in values.iter_mut() {
-                *value = half::bf16::from_f32(*value).to_f32();
-            }
-        }
-    });
+        },
+    );
 }
 
 /// `e^x` to about 2 ulp, in straight-line arithmetic that vectorises (libm's `expf` does not):
@@ -308,7 +316,8 @@ pub fn fast_exp(x: f32) -> f32 {
     let scaled = x * std::f32::consts::LOG2_E;
     // Round to nearest by adding and removing 1.5 * 2^23 (`f32::round` is a libm call that
     // stops the loop from vectorising).
-    let whole = (scaled + 12_582_912.0) - 12_582_912.0;
+    let shifted = scaled + 12_582_912.0;
+    let whole = shifted - 12_582_912.0;
     // The fraction in natural-log units, reduced with ln 2 split in two for accuracy.
     let fraction = (x - whole * 0.693_145_75) - whole * 1.428_606_8e-6;
     let polynomial = 1.0
@@ -321,7 +330,14 @@ pub fn fast_exp(x: f32) -> f32 {
                                 + fraction
                                     * (0.041_666_668
                                         + fraction * (0.008_333_334 + fraction * 0.001_388_889)))));
-    let power = f32::from_bits(((whole as i32 + 127) as u32) << 23);
+    // 2^whole built in the exponent bits. `shifted`'s bits are those of 1.5 * 2^23 plus the
+    // integer `whole`; integer arithmetic on them vectorises, where `whole as i32` (a saturating
+    // conversion) compiles to a scalar compare and branch per value.
+    let exponent = shifted
+        .to_bits()
+        .wrapping_sub(0x4B40_0000)
+        .wrapping_add(127);
+    let power = f32::from_bits(exponent << 23);
     polynomial * power
 }
 
@@ -498,46 +514,52 @@ fn store_tile(
     let (b, out_tile, pixel, end) = position;
     let count = TILE_PIXELS.min(end - pixel);
     let out_channels = convolution.out_channels;
-    for row in 0..TILE_ROWS {
-        let o = out_tile * TILE_ROWS + row;
-        if o >= out_channels {
-            break;
-        }
-        let bias = convolution.bias[o];
-        let channel_base = (b * out_channels + o) * out_height * out_width;
-        let values = &tile[row * TILE_PIXELS..][..count];
-        let (mut y, mut x) = (pixel / strip.pitch, pixel % strip.pitch);
-        let mut q = 0;
-        while q < count {
-            // The run of this tile inside one output row.
-            let run = (strip.pitch - x).min(count - q);
-            let valid = run.min(out_width.saturating_sub(x));
-            if valid > 0 {
-                let index = channel_base + (strip.row + y) * out_width + x;
-                // SAFETY: elements `index..index + valid` are the output values of (b, o,
-                // strip.row + y, x..x + valid), inside the buffer and written by this tile only.
-                let out =
-                    unsafe { std::slice::from_raw_parts_mut(target.pointer().add(index), valid) };
-                let sums = &values[q..q + valid];
-                match residual {
-                    Some(residual) => {
-                        let residual = &residual[index..index + valid];
-                        for ((out, &sum), &r) in out.iter_mut().zip(sums).zip(residual) {
-                            *out = sum + bias + r;
+    vectorised(
+        #[inline(always)]
+        || {
+            for row in 0..TILE_ROWS {
+                let o = out_tile * TILE_ROWS + row;
+                if o >= out_channels {
+                    break;
+                }
+                let bias = convolution.bias[o];
+                let channel_base = (b * out_channels + o) * out_height * out_width;
+                let values = &tile[row * TILE_PIXELS..][..count];
+                let (mut y, mut x) = (pixel / strip.pitch, pixel % strip.pitch);
+                let mut q = 0;
+                while q < count {
+                    // The run of this tile inside one output row.
+                    let run = (strip.pitch - x).min(count - q);
+                    let valid = run.min(out_width.saturating_sub(x));
+                    if valid > 0 {
+                        let index = channel_base + (strip.row + y) * out_width + x;
+                        // SAFETY: elements `index..index + valid` are the output values of (b, o,
+                        // strip.row + y, x..x + valid), inside the buffer and written by this tile only.
+                        let out = unsafe {
+                            std::slice::from_raw_parts_mut(target.pointer().add(index), valid)
+                        };
+                        let sums = &values[q..q + valid];
+                        match residual {
+                            Some(residual) => {
+                                let residual = &residual[index..index + valid];
+                                for ((out, &sum), &r) in out.iter_mut().zip(sums).zip(residual) {
+                                    *out = sum + bias + r;
+                                }
+                            }
+                            None => {
+                                for (out, &sum) in out.iter_mut().zip(sums) {
+                                    *out = sum + bias;
+                                }
+                            }
                         }
                     }
-                    None => {
-                        for (out, &sum) in out.iter_mut().zip(sums) {
-                            *out = sum + bias;
-                        }
-                    }
+                    q += run;
+                    x = 0;
+                    y += 1;
                 }
             }
-            q += run;
-            x = 0;
-            y += 1;
-        }
-    }
+        },
+    );
 }
 
 /// The register tile: `tile[r][i] (+)= sum over channels c and taps t of

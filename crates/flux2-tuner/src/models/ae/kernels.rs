@@ -29,17 +29,20 @@ pub fn host_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result
 /// vectorises (one running sum is a chain of dependent additions).
 fn lane_sum(values: &[f32], term: impl Fn(f64) -> f64) -> f64 {
     const LANES: usize = 8;
-    vectorised(|| {
-        let mut sums = [0f64; LANES];
-        let chunks = values.chunks_exact(LANES);
-        let rest: f64 = chunks.remainder().iter().map(|&v| term(v as f64)).sum();
-        for chunk in chunks {
-            for (sum, &v) in sums.iter_mut().zip(chunk) {
-                *sum += term(v as f64);
+    vectorised(
+        #[inline(always)]
+        || {
+            let mut sums = [0f64; LANES];
+            let chunks = values.chunks_exact(LANES);
+            let rest: f64 = chunks.remainder().iter().map(|&v| term(v as f64)).sum();
+            for chunk in chunks {
+                for (sum, &v) in sums.iter_mut().zip(chunk) {
+                    *sum += term(v as f64);
+                }
             }
-        }
-        sums.iter().sum::<f64>() + rest
-    })
+            sums.iter().sum::<f64>() + rest
+        },
+    )
 }
 
 /// GroupNorm of `input` `[b, c, h, w]` (f32) with `groups` groups followed by `x * weight + bias`
