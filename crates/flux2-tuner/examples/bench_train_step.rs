@@ -143,7 +143,6 @@ fn peak_rss_mib() -> BenchResult<f64> {
 /// stdin / stdout (`step`: one training step and AdamW step, prints its seconds; `done`: prints
 /// `<peak MiB> <LoRA modules> <LoRA parameters>` and exits).
 fn run_one(spec: &RunSpec) -> BenchResult<()> {
-    use std::io::{BufRead, Write};
     let device = Device::Cpu;
     let checkpoint = Checkpoint::open(&spec.checkpoint)?;
     let mut dit = Flux2Dit::load(&checkpoint, None, spec.dtype, &device)?;
@@ -177,35 +176,25 @@ fn run_one(spec: &RunSpec) -> BenchResult<()> {
         guidance: None,
         weights: &[1.0],
     };
-    let mut stdout = std::io::stdout();
-    writeln!(stdout, "ready")?;
-    stdout.flush()?;
-    for line in std::io::stdin().lock().lines() {
-        match line?.trim() {
-            "step" => {
-                let start = Instant::now();
-                let step = training_step(&dit, &batch, &parameters, spec.checkpointing)?;
-                optimizer.step(&step.gradients, LEARNING_RATE)?;
-                let elapsed = start.elapsed().as_secs_f64();
-                if !step.loss.is_finite() {
-                    return Err(format!("non-finite loss in {}", dtype_name(spec.dtype)).into());
-                }
-                writeln!(stdout, "{elapsed}")?;
+    bench_support::serve_steps(
+        || {
+            let start = Instant::now();
+            let step = training_step(&dit, &batch, &parameters, spec.checkpointing)?;
+            optimizer.step(&step.gradients, LEARNING_RATE)?;
+            let elapsed = start.elapsed().as_secs_f64();
+            if !step.loss.is_finite() {
+                return Err(format!("non-finite loss in {}", dtype_name(spec.dtype)).into());
             }
-            "done" => {
-                writeln!(
-                    stdout,
-                    "{} {} {parameter_count}",
-                    peak_rss_mib()?,
-                    network.modules.len()
-                )?;
-                break;
-            }
-            other => return Err(format!("unknown command {other:?}; expected step or done").into()),
-        }
-        stdout.flush()?;
-    }
-    Ok(())
+            Ok(elapsed)
+        },
+        || {
+            Ok(format!(
+                "{} {} {parameter_count}",
+                peak_rss_mib()?,
+                network.modules.len()
+            ))
+        },
+    )
 }
 
 struct Measured {

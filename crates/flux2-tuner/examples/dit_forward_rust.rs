@@ -2,8 +2,10 @@
 //! forward pass of the mid-size DiT, repeated, in one dtype.
 //!
 //! ```text
-//! cargo run --release -p flux2-tuner --example dit_forward_rust -- [--threads 1] [--warmup 2] [--iterations 5] [--f32 1]
+//! cargo run --release -p flux2-tuner --example dit_forward_rust -- [--threads 1] [--warmup 2] [--iterations 5] [--f32 1] [--serve 1]
 //! ```
+//! `--serve 1` warms up, prints `ready`, then runs one forward per `step` line on stdin and prints
+//! its seconds, until `done`: two builds served side by side give paired A/B timings.
 
 use std::time::Instant;
 
@@ -20,7 +22,7 @@ fn main() -> RunResult<()> {
     flux2_tuner::util::memory::keep_freed_buffers();
     // `--f32 1` times f32 instead of bf16 (the option parser takes numbers only).
     let mut arguments: Vec<String> = std::env::args().collect();
-    let f32_mode = match arguments.iter().position(|a| a == "--f32") {
+    let mut switch = |name: &str| match arguments.iter().position(|a| a == name) {
         Some(index) => {
             let value = arguments.get(index + 1).cloned().unwrap_or_default();
             arguments.drain(index..(index + 2).min(arguments.len()));
@@ -28,6 +30,8 @@ fn main() -> RunResult<()> {
         }
         None => false,
     };
+    let f32_mode = switch("--f32");
+    let serve = switch("--serve");
     let options = bench_support::parse_options_from(
         arguments.into_iter().skip(1),
         bench_support::Options {
@@ -51,6 +55,23 @@ fn main() -> RunResult<()> {
 
     let inputs = bench_support::MidSizeInput::new(&config, &device)?;
     let input = inputs.input();
+    if serve {
+        for _ in 0..options.warmup {
+            dit.forward(&input)?;
+        }
+        return bench_support::serve_steps(
+            || {
+                let start = Instant::now();
+                let output = dit.forward(&input)?;
+                let first: f32 = output.flatten_all()?.get(0)?.to_scalar()?;
+                if !first.is_finite() {
+                    return Err("non-finite output".into());
+                }
+                Ok(start.elapsed().as_secs_f64())
+            },
+            || Ok(String::new()),
+        );
+    }
     let mut seconds = Vec::new();
     let mut cpu = Vec::new();
     for index in 0..options.warmup + options.iterations {

@@ -265,3 +265,28 @@ pub fn cpu_seconds() -> f64 {
     }
     time[0] as f64 + time[1] as f64 * 1e-9
 }
+
+/// The serving side of [`StepServer`]: prints `ready`, then for each `step` line on stdin runs
+/// `step` and prints the seconds it returns; on `done` prints `done()`'s line and returns.
+pub fn serve_steps(
+    mut step: impl FnMut() -> Result<f64, Box<dyn std::error::Error>>,
+    done: impl FnOnce() -> Result<String, Box<dyn std::error::Error>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::{BufRead, Write};
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "ready")?;
+    stdout.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        match line?.trim() {
+            "step" => writeln!(stdout, "{}", step()?)?,
+            "done" => {
+                writeln!(stdout, "{}", done()?)?;
+                stdout.flush()?;
+                return Ok(());
+            }
+            other => return Err(format!("unknown command {other:?}; expected step or done").into()),
+        }
+        stdout.flush()?;
+    }
+    Ok(())
+}

@@ -12,6 +12,7 @@
 //! Set `FLUX2_NO_AMX=1` to turn the kernel off (then candle's matmuls are used).
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use half::bf16;
@@ -378,6 +379,53 @@ pub fn multiply<T: Copy + Send>(
     out: &mut [T],
     convert: impl Fn(f32) -> T + Sync,
 ) -> bool {
+    // SAFETY: `MaybeUninit<T>` has `T`'s layout, and `multiply_into` only ever stores initialised
+    // `T` values through the view, so `out` stays initialised.
+    let slots = unsafe {
+        std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<T>>(), out.len())
+    };
+    multiply_into(a, rows, k, b, n, slots, convert)
+}
+
+/// `A B` as a new `[rows, n]` vector (see [`multiply`]), written once: no zero fill first.
+/// `None` when AMX is unavailable.
+pub fn product<T: Copy + Send>(
+    a: &[bf16],
+    rows: usize,
+    k: usize,
+    b: &PackedB,
+    n: usize,
+    convert: impl Fn(f32) -> T + Sync,
+) -> Option<Vec<T>> {
+    let length = rows * n;
+    let mut out = Vec::with_capacity(length);
+    if !multiply_into(
+        a,
+        rows,
+        k,
+        b,
+        n,
+        &mut out.spare_capacity_mut()[..length],
+        convert,
+    ) {
+        return None;
+    }
+    // SAFETY: `multiply_into` returned true, so it wrote all `rows * n` values.
+    unsafe { out.set_len(length) };
+    Some(out)
+}
+
+/// [`multiply`] into slots that may be uninitialised: every one of `out[..rows * n]` is written
+/// when it returns true.
+fn multiply_into<T: Copy + Send>(
+    a: &[bf16],
+    rows: usize,
+    k: usize,
+    b: &PackedB,
+    n: usize,
+    out: &mut [MaybeUninit<T>],
+    convert: impl Fn(f32) -> T + Sync,
+) -> bool {
     if !available() || rows == 0 || n == 0 {
         return available();
     }
@@ -439,7 +487,7 @@ pub fn multiply<T: Copy + Send>(
                                                     [(first_row + r) * n + column..][..width];
                                                 let values = &block[r * BLOCK_COLUMNS..][..width];
                                                 for (o, &v) in target.iter_mut().zip(values) {
-                                                    *o = convert(v);
+                                                    o.write(convert(v));
                                                 }
                                             }
                                         },

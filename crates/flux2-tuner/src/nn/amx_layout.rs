@@ -42,6 +42,52 @@ impl AlignedWords {
         }
     }
 
+    /// `length` words in parts of `part_words` (a multiple of 16), each part zeroed and then
+    /// passed with its index to `fill`, by the thread pool. A part is zeroed by the core that fills
+    /// it, while its lines are in cache, instead of in a separate pass over the whole buffer first
+    /// (that pass was 2 % of a bf16 DiT forward).
+    pub fn filled_in_parts(
+        length: usize,
+        part_words: usize,
+        fill: impl Fn(usize, &mut [u32]) + Sync,
+    ) -> Self {
+        if length == 0 {
+            return Self::default();
+        }
+        assert!(
+            part_words > 0 && part_words % 16 == 0,
+            "parts must be whole cache lines"
+        );
+        let lines = length.div_ceil(16);
+        let mut storage: Vec<CacheLine> = Vec::with_capacity(lines);
+        storage.spare_capacity_mut()[..lines]
+            .par_chunks_mut(part_words / 16)
+            .enumerate()
+            .for_each(|(index, part)| {
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for line in part.iter_mut() {
+                            line.write(CacheLine([0; 16]));
+                        }
+                    },
+                );
+                // SAFETY: every line of `part` was initialised just above; a line is 16 u32 words
+                // (`repr(C)`), so the part is `16 * part.len()` initialised words.
+                let words = unsafe {
+                    std::slice::from_raw_parts_mut(part.as_mut_ptr().cast::<u32>(), 16 * part.len())
+                };
+                let valid = (length - index * part_words).min(words.len());
+                fill(index, &mut words[..valid]);
+            });
+        // SAFETY: all `lines` lines were initialised by the parts above.
+        unsafe { storage.set_len(lines) };
+        Self {
+            lines: storage,
+            length,
+        }
+    }
+
     /// Makes room for `length` words, keeping the allocation when it is large enough (the contents
     /// are then stale: callers overwrite every word they read).
     pub fn resize(&mut self, length: usize) {
@@ -105,12 +151,9 @@ impl PackedB {
     pub fn new(source: &[bf16], k: usize, n: usize, k_stride: usize, n_stride: usize) -> Self {
         let depth_blocks = k.div_ceil(TILE_DEPTH);
         let strips = 2 * n.div_ceil(2 * TILE_COLUMNS);
-        let mut data = AlignedWords::zeroed(strips * depth_blocks * TILE_WORDS);
         let strip_words = depth_blocks * TILE_WORDS;
-        data.as_mut_slice()
-            .par_chunks_mut(strip_words)
-            .enumerate()
-            .for_each(|(strip, tiles)| {
+        let data =
+            AlignedWords::filled_in_parts(strips * strip_words, strip_words, |strip, tiles| {
                 let first = strip * TILE_COLUMNS;
                 let columns = n.saturating_sub(first).min(TILE_COLUMNS);
                 if columns == 0 {

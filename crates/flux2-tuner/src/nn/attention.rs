@@ -15,8 +15,11 @@ use std::cell::RefCell;
 use crate::nn::amx::{self, PackedB, ResultBlock, Tiles, BLOCK_COLUMNS, BLOCK_ROWS};
 use crate::nn::amx_layout::{pack_rows, row_block_words, AlignedWords};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::{is_plain_cpu, vectorised, with_data, with_f32_scratch, SharedOutput};
+use crate::nn::host::{
+    is_plain_cpu, vectorised, with_data, with_f32_scratch, SharedOutput, WriteOnce,
+};
 use crate::nn::softmax::{exp, softmax_in_place};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest number of score elements (`batch * heads * query_rows * keys`) computed at once on the
 /// candle path.
@@ -220,8 +223,9 @@ fn fused_bf16(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         ..
     } = shapes;
     let pairs = shapes.batch * shapes.heads;
-    let mut out = crate::nn::fused::zeroed_bf16(pairs * queries * head_dim);
-    let target = SharedOutput(out.as_mut_ptr());
+    let mut out = WriteOnce::new(pairs * queries * head_dim);
+    let target = out.target();
+    let unconfigured = AtomicBool::new(false);
     with_qkv(q, k, v, |qs, ks, vs| {
         let (qs, ks, vs) = (bf16_data(qs)?, bf16_data(ks)?, bf16_data(vs)?);
         let head = keys * head_dim;
@@ -243,6 +247,7 @@ fn fused_bf16(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                 let (bh, block) = (task / shapes.query_blocks(), task % shapes.query_blocks());
                 let (packed_k, packed_v) = &packed[bh];
                 let Some(tiles) = Tiles::configure() else {
+                    unconfigured.store(true, Ordering::Relaxed);
                     return;
                 };
                 let first = block * BLOCK_ROWS;
@@ -276,6 +281,14 @@ fn fused_bf16(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             });
         Ok(())
     })?;
+    if unconfigured.load(Ordering::Relaxed) {
+        return Err(Error::Shape(
+            "bf16 attention: the AMX tiles could not be configured on a worker thread".into(),
+        ));
+    }
+    // SAFETY: every task configured its tiles (checked above) and wrote the head_dim columns of
+    // its query rows of its head; the tasks cover every (sample, head, query).
+    let out = unsafe { out.assume_written() };
     Ok(Tensor::from_vec(
         out,
         (shapes.batch, queries, shapes.heads * head_dim),
@@ -461,8 +474,8 @@ fn fused_f32(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         ..
     } = shapes;
     let pairs = shapes.batch * shapes.heads;
-    let mut out = crate::nn::host::zeroed_f32(pairs * queries * head_dim);
-    let target = SharedOutput(out.as_mut_ptr());
+    let mut out = WriteOnce::<f32>::new(pairs * queries * head_dim);
+    let target = out.target();
     with_qkv(q, k, v, |qs, ks, vs| {
         let (qs, ks, vs) = (f32_data(qs)?, f32_data(ks)?, f32_data(vs)?);
         let head = keys * head_dim;
@@ -547,6 +560,9 @@ fn fused_f32(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             });
         Ok(())
     })?;
+    // SAFETY: the tasks cover every (sample, head, block of query rows), and each one's second
+    // product (which does not read its destination) wrote the head_dim columns of its rows.
+    let out = unsafe { out.assume_written() };
     Ok(Tensor::from_vec(
         out,
         (shapes.batch, queries, shapes.heads * head_dim),

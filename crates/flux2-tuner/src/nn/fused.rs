@@ -15,7 +15,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::nn::host::{vectorised, with_data};
+use crate::nn::host::{lane_sum, vectorised, with_data};
 use crate::nn::softmax::exp;
 
 /// An activation element type: f32 or bf16.
@@ -161,10 +161,9 @@ fn modulate_typed<T: Element>(
                             for (a, b) in row32.iter_mut().zip(in_row) {
                                 *a = b.to_f32();
                             }
-                            let mean = row32.iter().sum::<f32>() / channels as f32;
+                            let mean = lane_sum(&row32, |v| v) / channels as f32;
                             let variance =
-                                row32.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
-                                    / channels as f32;
+                                lane_sum(&row32, |v| (v - mean) * (v - mean)) / channels as f32;
                             let inverse = 1.0 / (variance + eps).sqrt();
                             for c in 0..channels {
                                 let normalised = (row32[c] - mean) * inverse;
@@ -278,7 +277,7 @@ fn norm_rope_head<T: Element>(
     for (n, v) in normalised.iter_mut().zip(input) {
         *n = v.to_f32();
     }
-    let mean_square = normalised.iter().map(|v| v * v).sum::<f32>() / input.len() as f32;
+    let mean_square = lane_sum(normalised, |v| v * v) / input.len() as f32;
     let inverse = 1.0 / (mean_square + eps).sqrt();
     for (n, s) in normalised.iter_mut().zip(scale) {
         let rounded = T::from_f32(*n * inverse).to_f32();

@@ -56,25 +56,24 @@ fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     let (rows, in_features) = x.dims2()?;
     let out_features = weight.dim(0)?;
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let mut y = crate::nn::fused::zeroed_bf16(rows * out_features);
-    with_data(&x, |xs, x_offset| {
+    let y = with_data(&x, |xs, x_offset| {
         with_data(&weight, |ws, w_offset| {
             let (xs, ws) = (bf16_values(xs, x_offset)?, bf16_values(ws, w_offset)?);
             // W^T as the right operand: element (i, o) = W[o, i].
             let packed = PackedB::new(ws, in_features, out_features, 1, in_features);
-            amx::multiply(
+            Ok(amx::product(
                 xs,
                 rows,
                 in_features,
                 &packed,
                 out_features,
-                &mut y,
                 round_to_bf16,
-            );
-            Ok(())
+            ))
         })
     })?;
-    Ok(Some(Tensor::from_vec(y, (rows, out_features), x.device())?))
+    y.map(|y| Tensor::from_vec(y, (rows, out_features), x.device()))
+        .transpose()
+        .map_err(Into::into)
 }
 
 #[derive(Debug, Clone)]

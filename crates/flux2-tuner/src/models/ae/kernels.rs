@@ -25,23 +25,11 @@ pub fn host_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result
     })
 }
 
-/// The f64 sum of `term(value)` over `values`, in eight interleaved partial sums so that the loop
-/// vectorises (one running sum is a chain of dependent additions).
+/// The f64 sum of `term(value)` over `values`, compiled for AVX-512 where the CPU has it.
 fn lane_sum(values: &[f32], term: impl Fn(f64) -> f64) -> f64 {
-    const LANES: usize = 8;
     vectorised(
         #[inline(always)]
-        || {
-            let mut sums = [0f64; LANES];
-            let chunks = values.chunks_exact(LANES);
-            let rest: f64 = chunks.remainder().iter().map(|&v| term(v as f64)).sum();
-            for chunk in chunks {
-                for (sum, &v) in sums.iter_mut().zip(chunk) {
-                    *sum += term(v as f64);
-                }
-            }
-            sums.iter().sum::<f64>() + rest
-        },
+        || crate::nn::host::lane_sum(values, |v| term(v as f64)),
     )
 }
 

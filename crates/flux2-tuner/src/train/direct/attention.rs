@@ -12,7 +12,7 @@ use crate::nn::host::zeroed_f32;
 use rayon::prelude::*;
 
 use super::matrix::{multiply, round_in_place, Matrix};
-use crate::nn::host::{vectorised, SharedOutput};
+use crate::nn::host::{lane_dot, vectorised, SharedOutput};
 use crate::nn::softmax::exp;
 
 /// Query rows per block: one block's scores are `[BLOCK_ROWS, L]`.
@@ -285,12 +285,17 @@ pub(super) fn head_gradient_and_delta(
     let head_dim = shape.head_dim;
     let mut d_head = vec![0f32; shape.head()];
     let mut delta = vec![0f32; shape.length];
-    for token in 0..shape.length {
-        let at = shape.out_offset(sample, head, token);
-        let (d, o) = (&d_out[at..at + head_dim], &out[at..at + head_dim]);
-        d_head[token * head_dim..(token + 1) * head_dim].copy_from_slice(d);
-        delta[token] = d.iter().zip(o).map(|(a, b)| a * b).sum();
-    }
+    vectorised(
+        #[inline(always)]
+        || {
+            for token in 0..shape.length {
+                let at = shape.out_offset(sample, head, token);
+                let (d, o) = (&d_out[at..at + head_dim], &out[at..at + head_dim]);
+                d_head[token * head_dim..(token + 1) * head_dim].copy_from_slice(d);
+                delta[token] = lane_dot(d, o);
+            }
+        },
+    );
     (d_head, delta)
 }
 

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::nn::host::vectorised;
+use crate::nn::host::{lane_dot, lane_sum, vectorised};
 
 /// Rows per parallel task of the backward.
 const ROWS_PER_TASK: usize = 16;
@@ -139,12 +139,8 @@ impl QkNormRope<'_> {
                                     let start = self.input_offset(sample, token, which, head);
                                     let input = &projected[start..start + head_dim];
                                     let inverse = inverse_rms(input, self.eps);
-                                    let dot = d_normalised
-                                        .iter()
-                                        .zip(input)
-                                        .map(|(g, x)| g * x * inverse)
-                                        .sum::<f32>()
-                                        / head_dim as f32;
+                                    let dot =
+                                        lane_dot(&d_normalised, input) * inverse / head_dim as f32;
                                     let local = start - row * self.width;
                                     let out = &mut d_row[local..local + head_dim];
                                     for ((o, g), x) in out.iter_mut().zip(&d_normalised).zip(input)
@@ -166,7 +162,7 @@ impl QkNormRope<'_> {
 
 #[inline(always)]
 fn inverse_rms(values: &[f32], eps: f32) -> f32 {
-    let mean_square = values.iter().map(|v| v * v).sum::<f32>() / values.len() as f32;
+    let mean_square = lane_sum(values, |v| v * v) / values.len() as f32;
     1.0 / (mean_square + eps).sqrt()
 }
 

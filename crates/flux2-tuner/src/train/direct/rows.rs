@@ -6,7 +6,7 @@
 use crate::nn::host::zeroed_f32;
 use rayon::prelude::*;
 
-use crate::nn::host::vectorised;
+use crate::nn::host::{lane_sum, vectorised};
 
 /// Rows per parallel task: enough work per task to amortise the pool's overhead.
 const ROWS_PER_TASK: usize = 16;
@@ -65,9 +65,9 @@ pub(super) fn modulate_forward(
                         let sample = row / rows_per_sample;
                         let shift = &shift[sample * channels..(sample + 1) * channels];
                         let scale = &scale[sample * channels..(sample + 1) * channels];
-                        let mean = input.iter().sum::<f32>() / channels as f32;
-                        let variance = input.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
-                            / channels as f32;
+                        let mean = lane_sum(input, |v| v) / channels as f32;
+                        let variance =
+                            lane_sum(input, |v| (v - mean) * (v - mean)) / channels as f32;
                         let inverse_deviation = 1.0 / (variance + eps).sqrt();
                         for c in 0..channels {
                             let normalised = (input[c] - mean) * inverse_deviation;
