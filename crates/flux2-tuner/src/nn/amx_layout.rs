@@ -6,7 +6,6 @@
 //! loads (unaligned tiles halved the kernel's speed).
 
 use half::bf16;
-use rayon::prelude::*;
 
 use crate::nn::host::vectorised;
 
@@ -58,34 +57,23 @@ impl AlignedWords {
             part_words > 0 && part_words % 16 == 0,
             "parts must be whole cache lines"
         );
-        let lines = length.div_ceil(16);
-        let mut storage: Vec<CacheLine> = Vec::with_capacity(lines);
-        storage.spare_capacity_mut()[..lines]
-            .par_chunks_mut(part_words / 16)
-            .enumerate()
-            .for_each(|(index, part)| {
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        for line in part.iter_mut() {
-                            line.write(CacheLine([0; 16]));
-                        }
-                    },
-                );
-                // SAFETY: every line of `part` was initialised just above; a line is 16 u32 words
-                // (`repr(C)`), so the part is `16 * part.len()` initialised words.
+        let lines = crate::nn::host::written_in_parts(
+            length.div_ceil(16),
+            part_words / 16,
+            CacheLine([0; 16]),
+            |index, lines| {
+                // SAFETY: a line is 16 u32 words (`repr(C)`), all initialised.
                 let words = unsafe {
-                    std::slice::from_raw_parts_mut(part.as_mut_ptr().cast::<u32>(), 16 * part.len())
+                    std::slice::from_raw_parts_mut(
+                        lines.as_mut_ptr().cast::<u32>(),
+                        16 * lines.len(),
+                    )
                 };
                 let valid = (length - index * part_words).min(words.len());
                 fill(index, &mut words[..valid]);
-            });
-        // SAFETY: all `lines` lines were initialised by the parts above.
-        unsafe { storage.set_len(lines) };
-        Self {
-            lines: storage,
-            length,
-        }
+            },
+        );
+        Self { lines, length }
     }
 
     /// Makes room for `length` words, keeping the allocation when it is large enough (the contents

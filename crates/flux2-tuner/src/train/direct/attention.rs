@@ -12,7 +12,7 @@ use crate::nn::host::zeroed_f32;
 use rayon::prelude::*;
 
 use super::matrix::{multiply, round_in_place, Matrix};
-use crate::nn::host::{lane_dot, vectorised, SharedOutput};
+use crate::nn::host::{lane_dot, vectorised, SharedOutput, WriteOnce};
 use crate::nn::softmax::exp;
 
 /// Query rows per block: one block's scores are `[BLOCK_ROWS, L]`.
@@ -153,19 +153,27 @@ pub(super) fn backward(
 }
 
 /// A `[b, heads, L, L]` buffer for the probabilities when they are kept, and a pointer that the
-/// forward's tasks write their disjoint rows through.
+/// forward's tasks write their disjoint rows through (every row, with [`keep_row`]; then
+/// [`kept_probabilities`] hands the buffer over).
 pub(super) fn probability_store(
     shape: AttentionShape,
     keep: bool,
-) -> (Option<Vec<f32>>, SharedOutput<f32>) {
+) -> (Option<WriteOnce<f32>>, SharedOutput<f32>) {
     let mut store =
-        keep.then(|| zeroed_f32(shape.batch * shape.heads * shape.length * shape.length));
-    let pointer = SharedOutput(
-        store
-            .as_mut()
-            .map_or(std::ptr::null_mut(), |s| s.as_mut_ptr()),
-    );
+        keep.then(|| WriteOnce::new(shape.batch * shape.heads * shape.length * shape.length));
+    let pointer = store
+        .as_mut()
+        .map_or(SharedOutput(std::ptr::null_mut()), WriteOnce::target);
     (store, pointer)
+}
+
+/// The store of [`probability_store`] once the forward has kept every row.
+///
+/// # Safety
+/// [`keep_row`] was called for every (pair, row) of `shape` with the store's pointer.
+pub(super) unsafe fn kept_probabilities(store: Option<WriteOnce<f32>>) -> Option<Vec<f32>> {
+    // SAFETY: every row of every pair was written (the caller's guarantee).
+    store.map(|store| unsafe { store.assume_written() })
 }
 
 /// Copies one normalised probability row into the store (no-op without one).
@@ -270,7 +278,8 @@ pub(super) fn forward_f32(
         });
     AttentionSaved {
         logsumexp,
-        probabilities,
+        // SAFETY: the tasks cover every (pair, block of rows) and keep each of their rows.
+        probabilities: unsafe { kept_probabilities(probabilities) },
     }
 }
 

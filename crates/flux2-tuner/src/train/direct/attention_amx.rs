@@ -9,9 +9,9 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::attention::{
-    exp_in_place, head_gradient_and_delta, head_gradients, keep_row, probabilities_in_place,
-    probability_store, row_max, score_gradient_in_place, AttentionSaved, AttentionShape,
-    BLOCK_ROWS,
+    exp_in_place, head_gradient_and_delta, head_gradients, keep_row, kept_probabilities,
+    probabilities_in_place, probability_store, row_max, score_gradient_in_place, AttentionSaved,
+    AttentionShape, BLOCK_ROWS,
 };
 use super::matrix::to_bf16;
 use crate::nn::amx::{self, PackedB};
@@ -64,7 +64,7 @@ pub(super) fn forward(
         .collect();
     let mut logsumexp = zeroed_f32(pairs * length);
     let lse_target = SharedOutput(logsumexp.as_mut_ptr());
-    let (kept_probabilities, kept) = probability_store(shape, keep_probabilities);
+    let (kept_store, kept) = probability_store(shape, keep_probabilities);
     let out_target = SharedOutput(out.as_mut_ptr());
     let out_len = out.len();
     (0..pairs * blocks).into_par_iter().for_each(|task| {
@@ -82,10 +82,11 @@ pub(super) fn forward(
             length,
             &mut scores,
         );
-        let mut probabilities = crate::nn::fused::zeroed_bf16(rows * length);
+        // Written once, row by row below (no zero fill first).
+        let mut probabilities: Vec<bf16> = Vec::with_capacity(rows * length);
         for (r, (row, p_row)) in scores
             .chunks_exact_mut(length)
-            .zip(probabilities.chunks_exact_mut(length))
+            .zip(probabilities.spare_capacity_mut()[..rows * length].chunks_exact_mut(length))
             .enumerate()
         {
             let max = row_max(row);
@@ -96,7 +97,7 @@ pub(super) fn forward(
                 || {
                     for (p, value) in p_row.iter_mut().zip(row.iter_mut()) {
                         *value *= inverse;
-                        *p = round_to_bf16(*value);
+                        p.write(round_to_bf16(*value));
                     }
                 },
             );
@@ -106,6 +107,8 @@ pub(super) fn forward(
                 keep_row(kept, shape, pair, first + r, row);
             }
         }
+        // SAFETY: the loop above wrote all `rows` rows of `length` values.
+        unsafe { probabilities.set_len(rows * length) };
         let mut block_out = vec![0f32; rows * head_dim];
         product(
             &probabilities,
@@ -131,7 +134,8 @@ pub(super) fn forward(
     });
     AttentionSaved {
         logsumexp,
-        probabilities: kept_probabilities,
+        // SAFETY: the tasks cover every (pair, block of rows) and keep each of their rows.
+        probabilities: unsafe { kept_probabilities(kept_store) },
     }
 }
 

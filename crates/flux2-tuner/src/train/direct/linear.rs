@@ -183,9 +183,8 @@ pub(super) fn forward(
     batch: usize,
 ) -> Result<(Vec<f32>, LinearSaved)> {
     let (in_features, out_features) = (linear.in_features(), linear.out_features());
-    let mut y = zeroed_f32(rows * out_features);
-    with_weight(linear, |weight| {
-        weight.forward(x, rows, in_features, &mut y)
+    let mut y = with_weight(linear, |weight| {
+        weight.forward(x, rows, in_features, out_features)
     })?;
     let mut saved = Vec::with_capacity(linear.adapters.len());
     for adapter in adapters(linear, gradients)? {

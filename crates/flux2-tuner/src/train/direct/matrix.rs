@@ -7,7 +7,7 @@ use half::bf16;
 
 use crate::nn::amx::{self, PackedB};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::update_each;
+use crate::nn::host::{update_each, WriteOnce};
 
 /// A read-only strided view: element `(r, c)` is `data[r * row_stride + c * column_stride]`.
 #[derive(Clone, Copy)]
@@ -77,6 +77,42 @@ pub(super) fn multiply(
     scale: f32,
     accumulate: bool,
 ) {
+    if a.rows > 0 && b.columns > 0 {
+        assert!(
+            (a.rows - 1) * out_stride + b.columns <= out.len() && out_stride >= b.columns,
+            "product output out of bounds"
+        );
+    }
+    // SAFETY: the output rows lie inside `out` (checked above), which does not alias `a` or `b`
+    // (a `&mut` borrow next to two shared ones).
+    unsafe { multiply_raw(out.as_mut_ptr(), out_stride, a, b, scale, accumulate) }
+}
+
+/// `scale * a b` as a new row-major `[a.rows, b.columns]` vector, written once (no zero fill
+/// first).
+pub(super) fn product(a: Matrix, b: Matrix, scale: f32) -> Vec<f32> {
+    let mut out = WriteOnce::new(a.rows * b.columns);
+    // SAFETY: the `[a.rows, b.columns]` rows (stride `b.columns`) are the new buffer's slots, which
+    // alias nothing; without `accumulate` every one of them is written, and none is read.
+    unsafe {
+        multiply_raw(out.target().pointer(), b.columns, a, b, scale, false);
+        out.assume_written()
+    }
+}
+
+/// [`multiply`] through a raw output pointer.
+///
+/// # Safety
+/// Rows `0 .. a.rows` of `b.columns` values, `out_stride` apart from `out`, are writable (and
+/// initialised when `accumulate`), and alias neither operand.
+unsafe fn multiply_raw(
+    out: *mut f32,
+    out_stride: usize,
+    a: Matrix,
+    b: Matrix,
+    scale: f32,
+    accumulate: bool,
+) {
     assert_eq!(a.columns, b.rows, "inner dimensions differ");
     a.check();
     b.check();
@@ -84,26 +120,24 @@ pub(super) fn multiply(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        (m - 1) * out_stride + n <= out.len() && out_stride >= n,
-        "product output out of bounds"
-    );
+    assert!(out_stride >= n, "product output rows overlap");
     if k == 0 {
         if !accumulate {
             for row in 0..m {
-                out[row * out_stride..row * out_stride + n].fill(0.0);
+                // SAFETY: row `row` of the output is writable (the caller's guarantee).
+                unsafe { std::ptr::write_bytes(out.add(row * out_stride), 0, n) };
             }
         }
         return;
     }
-    // SAFETY: every index the views and the output describe was checked to be in bounds above;
-    // `out` does not alias `a` or `b` (a `&mut` borrow next to two shared ones).
+    // SAFETY: every index the views describe was checked to be in bounds above, the output's by
+    // the caller; without `accumulate` the destination is only written.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out,
             1,
             out_stride as isize,
             accumulate,
@@ -144,22 +178,33 @@ pub(super) enum FrozenWeight<'a> {
 }
 
 impl FrozenWeight<'_> {
-    /// `y = x W^T` for `x` `[rows, in]`, `y` `[rows, out]` (overwritten).
-    pub fn forward(&self, x: &[f32], rows: usize, in_features: usize, y: &mut [f32]) {
-        let out_features = y.len() / rows.max(1);
+    /// `y = x W^T` `[rows, out]` for `x` `[rows, in]`, as a new vector.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        in_features: usize,
+        out_features: usize,
+    ) -> Vec<f32> {
         match self {
-            Self::F32(weight) => multiply(
-                y,
-                out_features,
+            Self::F32(weight) => product(
                 Matrix::rows(x, rows, in_features),
                 Matrix::rows(weight, out_features, in_features).t(),
                 1.0,
-                false,
             ),
             Self::Bf16(weight) => {
-                // Element (i, o) of W^T is W[o, i].
-                let packed = || PackedB::new(weight, in_features, out_features, 1, in_features);
-                bf16_product(x, rows, in_features, packed, weight, false, y, out_features);
+                let a_rounded = to_bf16(&x[..rows * in_features]);
+                if amx::available() {
+                    // Element (i, o) of W^T is W[o, i].
+                    let packed = PackedB::new(weight, in_features, out_features, 1, in_features);
+                    let y =
+                        amx::product(&a_rounded, rows, in_features, &packed, out_features, |v| v);
+                    if let Some(y) = y {
+                        return y;
+                    }
+                }
+                let (a, b) = widened(&a_rounded, rows, in_features, weight, false, out_features);
+                product(a.matrix(), b.matrix(), 1.0)
             }
         }
     }
@@ -212,14 +257,62 @@ fn bf16_product(
     if amx::available() && amx::multiply(&a_rounded, rows, k, &packed(), n, out, |v| v) {
         return;
     }
-    let a_wide: Vec<f32> = a_rounded.iter().map(|v| v.to_f32()).collect();
-    let weight_wide: Vec<f32> = weight[..k * n].iter().map(|v| v.to_f32()).collect();
-    let b = if weight_is_k_by_n {
-        Matrix::rows(&weight_wide, k, n)
-    } else {
-        Matrix::rows(&weight_wide, n, k).t()
+    let (a, b) = widened(&a_rounded, rows, k, weight, weight_is_k_by_n, n);
+    multiply(out, n, a.matrix(), b.matrix(), 1.0, false);
+}
+
+/// A row-major f32 matrix that owns its values.
+struct Owned {
+    values: Vec<f32>,
+    rows: usize,
+    columns: usize,
+    transposed: bool,
+}
+
+impl Owned {
+    fn matrix(&self) -> Matrix<'_> {
+        let view = Matrix::rows(&self.values, self.rows, self.columns);
+        if self.transposed {
+            view.t()
+        } else {
+            view
+        }
+    }
+}
+
+/// The bf16 operands of a product widened to f32, for CPUs without AMX: `a` `[rows, k]` and the
+/// weight as the `[k, n]` operand (see [`bf16_product`]).
+fn widened(
+    a: &[bf16],
+    rows: usize,
+    k: usize,
+    weight: &[bf16],
+    weight_is_k_by_n: bool,
+    n: usize,
+) -> (Owned, Owned) {
+    let a = Owned {
+        values: a.iter().map(|v| v.to_f32()).collect(),
+        rows,
+        columns: k,
+        transposed: false,
     };
-    multiply(out, n, Matrix::rows(&a_wide, rows, k), b, 1.0, false);
+    let values = weight[..k * n].iter().map(|v| v.to_f32()).collect();
+    let b = if weight_is_k_by_n {
+        Owned {
+            values,
+            rows: k,
+            columns: n,
+            transposed: false,
+        }
+    } else {
+        Owned {
+            values,
+            rows: n,
+            columns: k,
+            transposed: true,
+        }
+    };
+    (a, b)
 }
 
 #[cfg(test)]
@@ -267,6 +360,37 @@ mod tests {
         }
     }
 
+    /// The CPU fallback without AMX: the widened operands, in both orientations of the weight,
+    /// multiplied by `product`, equal the f64 sums.
+    #[test]
+    fn widened_bf16_operands_match_a_naive_sum() {
+        let (rows, k, n) = (9, 21, 13);
+        let a: Vec<bf16> = random(rows * k, 11)
+            .iter()
+            .map(|&v| round_to_bf16(v))
+            .collect();
+        let weight: Vec<bf16> = random(k * n, 12)
+            .iter()
+            .map(|&v| round_to_bf16(v))
+            .collect();
+        let a_wide: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+        let weight_wide: Vec<f32> = weight.iter().map(|v| v.to_f32()).collect();
+        for weight_is_k_by_n in [true, false] {
+            let (a_owned, b_owned) = widened(&a, rows, k, &weight, weight_is_k_by_n, n);
+            let got = product(a_owned.matrix(), b_owned.matrix(), 0.5);
+            let b = if weight_is_k_by_n {
+                Matrix::rows(&weight_wide, k, n)
+            } else {
+                Matrix::rows(&weight_wide, n, k).t()
+            };
+            let expected = naive(Matrix::rows(&a_wide, rows, k), b);
+            assert_eq!(got.len(), rows * n);
+            for (got, want) in got.iter().zip(&expected) {
+                assert!((*got as f64 - 0.5 * want).abs() < 1e-5 * (1.0 + want.abs()));
+            }
+        }
+    }
+
     #[test]
     fn bf16_weight_products_use_rounded_operands() {
         let (rows, in_features, out_features) = (37, 70, 45);
@@ -279,8 +403,8 @@ mod tests {
         round_in_place(&mut rounded_x);
         let weight_wide: Vec<f32> = weight.iter().map(|v| v.to_f32()).collect();
         let frozen = FrozenWeight::Bf16(&weight);
-        let mut y = vec![0f32; rows * out_features];
-        frozen.forward(&x, rows, in_features, &mut y);
+        let y = frozen.forward(&x, rows, in_features, out_features);
+        assert_eq!(y.len(), rows * out_features);
         let expected = naive(
             Matrix::rows(&rounded_x, rows, in_features),
             Matrix::rows(&weight_wide, out_features, in_features).t(),

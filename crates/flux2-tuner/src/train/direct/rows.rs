@@ -3,29 +3,26 @@
 //! `row / rows_per_sample`): the adaLN modulation `(1 + scale) * LayerNorm(x) + shift`, the gated
 //! residual `x + gate * y` and SwiGLU `silu(a) * b`.
 
-use crate::nn::host::zeroed_f32;
 use rayon::prelude::*;
 
-use crate::nn::host::{lane_sum, vectorised};
+use crate::nn::host::{lane_sum, lane_sum_pairs, vectorised, written_in_parts, SharedOutput};
 
 /// Rows per parallel task: enough work per task to amortise the pool's overhead.
 const ROWS_PER_TASK: usize = 16;
 
-/// Calls `f(row, out_row)` for every `channels`-wide row of `out`, in parallel blocks of rows,
-/// compiled for the CPU's vector width.
-fn for_each_row(out: &mut [f32], channels: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    out.par_chunks_mut(channels * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(task, out_rows)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for (index, out_row) in out_rows.chunks_exact_mut(channels).enumerate() {
-                        f(task * ROWS_PER_TASK + index, out_row);
-                    }
-                },
-            )
-        });
+/// A new `[length / channels, channels]` matrix whose rows `f(row, out_row)` writes, in parallel
+/// blocks of rows, compiled for the CPU's vector width.
+fn rows_from(length: usize, channels: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    written_in_parts(length, channels * ROWS_PER_TASK, 0.0, |task, out_rows| {
+        vectorised(
+            #[inline(always)]
+            || {
+                for (index, out_row) in out_rows.chunks_exact_mut(channels).enumerate() {
+                    f(task * ROWS_PER_TASK + index, out_row);
+                }
+            },
+        )
+    })
 }
 
 /// Layer-norm statistics of one row: mean and `1 / sqrt(variance + eps)`.
@@ -46,41 +43,36 @@ pub(super) fn modulate_forward(
     eps: f32,
 ) -> (Vec<f32>, Vec<RowStatistics>) {
     let rows = x.len() / channels;
-    let mut out = zeroed_f32(x.len());
     let mut statistics = vec![RowStatistics::default(); rows];
-    out.par_chunks_mut(channels * ROWS_PER_TASK)
-        .zip(statistics.par_chunks_mut(ROWS_PER_TASK))
-        .enumerate()
-        .for_each(|(task, (out_rows, statistics))| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for (index, (out_row, statistic)) in out_rows
-                        .chunks_exact_mut(channels)
-                        .zip(statistics.iter_mut())
-                        .enumerate()
-                    {
-                        let row = task * ROWS_PER_TASK + index;
-                        let input = &x[row * channels..(row + 1) * channels];
-                        let sample = row / rows_per_sample;
-                        let shift = &shift[sample * channels..(sample + 1) * channels];
-                        let scale = &scale[sample * channels..(sample + 1) * channels];
-                        let mean = lane_sum(input, |v| v) / channels as f32;
-                        let variance =
-                            lane_sum(input, |v| (v - mean) * (v - mean)) / channels as f32;
-                        let inverse_deviation = 1.0 / (variance + eps).sqrt();
-                        for c in 0..channels {
-                            let normalised = (input[c] - mean) * inverse_deviation;
-                            out_row[c] = normalised * (1.0 + scale[c]) + shift[c];
-                        }
-                        *statistic = RowStatistics {
-                            mean,
-                            inverse_deviation,
-                        };
-                    }
-                },
-            )
-        });
+    let statistics_target = SharedOutput(statistics.as_mut_ptr());
+    let out = rows_from(
+        x.len(),
+        channels,
+        #[inline(always)]
+        |row, out_row| {
+            let input = &x[row * channels..(row + 1) * channels];
+            let sample = row / rows_per_sample;
+            let shift = &shift[sample * channels..(sample + 1) * channels];
+            let scale = &scale[sample * channels..(sample + 1) * channels];
+            let mean = lane_sum(input, |v| v) / channels as f32;
+            let variance = lane_sum(input, |v| (v - mean) * (v - mean)) / channels as f32;
+            let inverse_deviation = 1.0 / (variance + eps).sqrt();
+            for c in 0..channels {
+                let normalised = (input[c] - mean) * inverse_deviation;
+                out_row[c] = normalised * (1.0 + scale[c]) + shift[c];
+            }
+            // SAFETY: `row < rows`, and each row is written by one task only.
+            unsafe {
+                statistics_target.write(
+                    row,
+                    RowStatistics {
+                        mean,
+                        inverse_deviation,
+                    },
+                )
+            };
+        },
+    );
     (out, statistics)
 }
 
@@ -112,13 +104,12 @@ pub(super) fn modulate_backward(
                             mean,
                             inverse_deviation,
                         } = statistics[row];
-                        let (mut sum, mut dot) = (0f32, 0f32);
                         for c in 0..channels {
-                            let g = gradient[c] * (1.0 + scale[c]);
-                            scaled[c] = g;
-                            sum += g;
-                            dot += g * (input[c] - mean) * inverse_deviation;
+                            scaled[c] = gradient[c] * (1.0 + scale[c]);
                         }
+                        let sum = lane_sum(&scaled, |g| g);
+                        let dot = lane_sum_pairs(&scaled, input, |g, x| g * (x - mean))
+                            * inverse_deviation;
                         let (mean_g, mean_gn) = (sum / channels as f32, dot / channels as f32);
                         for c in 0..channels {
                             let normalised = (input[c] - mean) * inverse_deviation;
@@ -139,9 +130,8 @@ pub(super) fn gated_add(
     channels: usize,
     rows_per_sample: usize,
 ) -> Vec<f32> {
-    let mut out = zeroed_f32(x.len());
-    for_each_row(
-        &mut out,
+    rows_from(
+        x.len(),
         channels,
         #[inline(always)]
         |row, out_row| {
@@ -153,8 +143,7 @@ pub(super) fn gated_add(
                 out_row[c] = a[c] + gate[c] * b[c];
             }
         },
-    );
-    out
+    )
 }
 
 /// `gate * d_out`: the gradient of [`gated_add`] with respect to `y`.
@@ -164,9 +153,8 @@ pub(super) fn gated(
     channels: usize,
     rows_per_sample: usize,
 ) -> Vec<f32> {
-    let mut out = zeroed_f32(d_out.len());
-    for_each_row(
-        &mut out,
+    rows_from(
+        d_out.len(),
         channels,
         #[inline(always)]
         |row, out_row| {
@@ -177,8 +165,7 @@ pub(super) fn gated(
                 out_row[c] = gate[c] * d[c];
             }
         },
-    );
-    out
+    )
 }
 
 /// Where a SwiGLU input sits in a wider matrix: `a` in columns `column .. column + width`, `b` in
