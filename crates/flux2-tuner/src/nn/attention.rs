@@ -18,7 +18,7 @@ use crate::nn::fused::round_to_bf16;
 use crate::nn::host::{
     is_plain_cpu, vectorised, with_data, with_f32_scratch, SharedOutput, WriteOnce,
 };
-use crate::nn::softmax::{exp, softmax_in_place};
+use crate::nn::softmax::{exp, shifted_exp};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest number of score elements (`batch * heads * query_rows * keys`) computed at once on the
@@ -524,8 +524,14 @@ fn fused_f32(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                                     gemm::Parallelism::None,
                                 );
                             }
-                            for row in scores.chunks_exact_mut(keys) {
-                                softmax_in_place(row, scale);
+                            // Unnormalised weights; each output row is divided by its sum
+                            // after the value product (`head_dim` values per row instead of
+                            // `keys`).
+                            let mut inverse_sums = [0f32; F32_BLOCK_ROWS];
+                            for (row, inverse) in
+                                scores.chunks_exact_mut(keys).zip(inverse_sums.iter_mut())
+                            {
+                                *inverse = 1.0 / shifted_exp(row, scale);
                             }
                             let probabilities = scores;
                             let destination = shapes.output_index(bh, first, 0);
@@ -553,6 +559,19 @@ fn fused_f32(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                                     false,
                                     gemm::Parallelism::None,
                                 );
+                            }
+                            for (r, &inverse) in inverse_sums[..rows].iter().enumerate() {
+                                // SAFETY: the `head_dim` values of row `first + r` of this head,
+                                // just written by this task's product, belong to it alone.
+                                let values = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        target.pointer().add(destination + r * row_stride),
+                                        head_dim,
+                                    )
+                                };
+                                for value in values {
+                                    *value *= inverse;
+                                }
                             }
                         });
                     },

@@ -110,13 +110,6 @@ pub fn softmax_row<T: Element>(row: &mut [f32], scale: f32, out: &mut [T]) {
     }
 }
 
-/// `row = softmax(scale * row)` in f32.
-pub fn softmax_in_place(row: &mut [f32], scale: f32) {
-    let inverse = 1.0 / shifted_exp(row, scale);
-    for value in row.iter_mut() {
-        *value *= inverse;
-    }
-}
 
 #[cfg(test)]
 mod tests {
