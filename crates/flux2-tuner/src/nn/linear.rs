@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::nn::amx::{self, PackedB};
 use crate::nn::fused::round_to_bf16;
 use crate::nn::host::{is_plain_cpu, with_data};
+use crate::nn::matrix::{product, Matrix};
 
 /// A low-rank update `scale * up @ down` attached to a [`Linear`].
 #[derive(Debug, Clone)]
@@ -74,6 +75,36 @@ fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     y.map(|y| Tensor::from_vec(y, (rows, out_features), x.device()))
         .transpose()
         .map_err(Into::into)
+}
+
+fn f32_values(storage: &CpuStorage, offset: usize) -> Result<&[f32]> {
+    match storage {
+        CpuStorage::F32(values) => Ok(&values[offset..]),
+        _ => Err(Error::Shape("linear: expected f32 data".into())),
+    }
+}
+
+/// `x W^T` for f32 inference on the CPU (`x` `[rows, in]`, `W` `[out, in]`) through
+/// [`crate::nn::matrix::product`], whose output is written once (candle's matmul zeroes its
+/// output first: 2 % of an f32 forward), or `None` where it does not apply.
+fn f32_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+    if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || !is_plain_cpu(&[x, weight]) {
+        return Ok(None);
+    }
+    let (rows, in_features) = x.dims2()?;
+    let out_features = weight.dim(0)?;
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let y = with_data(&x, |xs, x_offset| {
+        with_data(&weight, |ws, w_offset| {
+            let (xs, ws) = (f32_values(xs, x_offset)?, f32_values(ws, w_offset)?);
+            Ok(product(
+                Matrix::rows(xs, rows, in_features),
+                Matrix::rows(ws, out_features, in_features).t(),
+                1.0,
+            ))
+        })
+    })?;
+    Ok(Some(Tensor::from_vec(y, (rows, out_features), x.device())?))
 }
 
 #[derive(Debug, Clone)]
@@ -159,7 +190,10 @@ impl Linear {
             let weight = self.dense_weight(x2.dtype())?;
             match amx_product(&x2, &weight)? {
                 Some(y) => y,
-                None => x2.matmul(&weight.t()?)?,
+                None => match f32_product(&x2, &weight)? {
+                    Some(y) => y,
+                    None => x2.matmul(&weight.t()?)?,
+                },
             }
         };
         let training = crate::nn::grad_mode::enabled();

@@ -9,6 +9,7 @@ pub mod grad_mode;
 pub mod host;
 pub mod linear;
 pub mod lora_dropout;
+pub mod matrix;
 pub mod norm;
 pub mod rope;
 pub mod softmax;

@@ -117,7 +117,6 @@ pub fn softmax_row<T: Element>(row: &mut [f32], scale: f32, out: &mut [T]) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
