@@ -1,10 +1,10 @@
 //! A bias-free linear layer (FLUX.2 has no biases) that can carry LoRA adapters, applied either
 //! unmerged (extra low-rank matmuls) or merged into the weight.
 
-use candle_core::{CpuStorage, DType, Tensor};
+use candle_core::{DType, Tensor, WithDType};
 use half::bf16;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::nn::amx::{self, PackedB};
 use crate::nn::fused::round_to_bf16;
 use crate::nn::host::{is_plain_cpu, with_data};
@@ -32,12 +32,32 @@ impl LoraAdapter {
     }
 }
 
-/// `y = x W^T (+ LoRA)`; the weight is `[out, in]` as stored in the checkpoint.
-fn bf16_values(storage: &CpuStorage, offset: usize) -> Result<&[bf16]> {
-    match storage {
-        CpuStorage::BF16(values) => Ok(&values[offset..]),
-        _ => Err(Error::Shape("linear: expected bf16 data".into())),
+/// `product(x, W, rows, in, out)` on the host values of a plain CPU `x` `[rows, in]` and weight
+/// `W` `[out, in]` of element type `T`, as a `[rows, out]` tensor; `None` where they are not
+/// plain CPU tensors of `T` or `product` returns `None`.
+fn host_product<T: WithDType, U: WithDType>(
+    x: &Tensor,
+    weight: &Tensor,
+    product: impl FnOnce(&[T], &[T], usize, usize, usize) -> Option<Vec<U>>,
+) -> Result<Option<Tensor>> {
+    if x.dtype() != T::DTYPE || weight.dtype() != T::DTYPE || !is_plain_cpu(&[x, weight]) {
+        return Ok(None);
     }
+    let (rows, in_features) = x.dims2()?;
+    let out_features = weight.dim(0)?;
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let y = with_data(&x, |xs, x_offset| {
+        with_data(&weight, |ws, w_offset| {
+            let (xs, ws) = (
+                &xs.as_slice::<T>()?[x_offset..],
+                &ws.as_slice::<T>()?[w_offset..],
+            );
+            Ok(product(xs, ws, rows, in_features, out_features))
+        })
+    })?;
+    y.map(|y| Tensor::from_vec(y, (rows, out_features), x.device()))
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// `x W^T` on AMX tiles for bf16 inference (`x` `[rows, in]`, `W` `[out, in]`), or `None` where it
@@ -47,64 +67,27 @@ fn bf16_values(storage: &CpuStorage, offset: usize) -> Result<&[bf16]> {
 /// made by 16 x 16 AVX-512 transposes in parallel; no packed copy is kept with the model), so
 /// that output rows come out contiguous.
 fn amx_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
-    if x.dtype() != DType::BF16
-        || weight.dtype() != DType::BF16
-        || !is_plain_cpu(&[x, weight])
-        || !amx::available()
-    {
+    if !amx::available() {
         return Ok(None);
     }
-    let (rows, in_features) = x.dims2()?;
-    let out_features = weight.dim(0)?;
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let y = with_data(&x, |xs, x_offset| {
-        with_data(&weight, |ws, w_offset| {
-            let (xs, ws) = (bf16_values(xs, x_offset)?, bf16_values(ws, w_offset)?);
-            // W^T as the right operand: element (i, o) = W[o, i].
-            let packed = PackedB::new(ws, in_features, out_features, 1, in_features);
-            Ok(amx::product(
-                xs,
-                rows,
-                in_features,
-                &packed,
-                out_features,
-                round_to_bf16,
-            ))
-        })
-    })?;
-    y.map(|y| Tensor::from_vec(y, (rows, out_features), x.device()))
-        .transpose()
-        .map_err(Into::into)
-}
-
-fn f32_values(storage: &CpuStorage, offset: usize) -> Result<&[f32]> {
-    match storage {
-        CpuStorage::F32(values) => Ok(&values[offset..]),
-        _ => Err(Error::Shape("linear: expected f32 data".into())),
-    }
+    host_product::<bf16, bf16>(x, weight, |xs, ws, rows, in_features, out_features| {
+        // W^T as the right operand: element (i, o) = W[o, i].
+        let packed = PackedB::new(ws, in_features, out_features, 1, in_features);
+        amx::product(xs, rows, in_features, &packed, out_features, round_to_bf16)
+    })
 }
 
 /// `x W^T` for f32 inference on the CPU (`x` `[rows, in]`, `W` `[out, in]`) through
 /// [`crate::nn::matrix::product`], whose output is written once (candle's matmul zeroes its
 /// output first: 2 % of an f32 forward), or `None` where it does not apply.
 fn f32_product(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
-    if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || !is_plain_cpu(&[x, weight]) {
-        return Ok(None);
-    }
-    let (rows, in_features) = x.dims2()?;
-    let out_features = weight.dim(0)?;
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let y = with_data(&x, |xs, x_offset| {
-        with_data(&weight, |ws, w_offset| {
-            let (xs, ws) = (f32_values(xs, x_offset)?, f32_values(ws, w_offset)?);
-            Ok(product(
-                Matrix::rows(xs, rows, in_features),
-                Matrix::rows(ws, out_features, in_features).t(),
-                1.0,
-            ))
-        })
-    })?;
-    Ok(Some(Tensor::from_vec(y, (rows, out_features), x.device())?))
+    host_product::<f32, f32>(x, weight, |xs, ws, rows, in_features, out_features| {
+        Some(product(
+            Matrix::rows(xs, rows, in_features),
+            Matrix::rows(ws, out_features, in_features).t(),
+            1.0,
+        ))
+    })
 }
 
 #[derive(Debug, Clone)]
