@@ -489,7 +489,6 @@ mod tests {
             .to_scalar()?)
     }
 
-    /// Each kernel against the candle op chain it replaces, batch 2 (per-sample modulation).
     #[test]
     fn zeroed_bf16_buffers_hold_zeros() {
         let zeros = zeroed_bf16(1000);
@@ -497,6 +496,7 @@ mod tests {
         assert!(zeros.iter().all(|v| v.to_bits() == 0));
     }
 
+    /// Each kernel against the candle op chain it replaces, batch 2 (per-sample modulation).
     #[test]
     fn kernels_match_their_op_chains() -> Result<()> {
         let x = random(&[2, 5, 24], 1)?;

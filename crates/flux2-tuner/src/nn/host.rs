@@ -408,6 +408,8 @@ pub fn with_f32_scratch<R>(length: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
 
     /// Every slot is handed to `write` once, zeroed, with its part's index; parts cover the
     /// buffer, the last one short.
@@ -455,9 +457,6 @@ mod tests {
             assert!((f64_sum - plain_sum).abs() < 1e-9);
         }
     }
-
-    use super::*;
-    use candle_core::{DType, Device};
 
     fn ramp(dims: &[usize], start: f32) -> Result<Tensor> {
         let count: usize = dims.iter().product();

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::layers::Padding;
 use crate::nn::host::{vectorised, with_f32_scratch, SharedOutput};
+use crate::nn::softmax::exp;
 
 /// Output channels per register tile.
 const TILE_ROWS: usize = 8;
@@ -283,15 +284,15 @@ fn copy_columns(
 
 /// `values = swish(values * scale + shift)` (swish and bf16 rounding as `transform` says).
 pub fn apply_transform(values: &mut [f32], scale: f32, shift: f32, transform: &InputTransform) {
-    // Inlined into `vectorised`'s AVX-512 function: compiled on its own, this closure was
-    // baseline SSE code with a scalar float-to-integer conversion per value.
+    // Inlined into `vectorised`'s AVX-512 (and FMA) function: compiled on its own, this closure
+    // was baseline SSE code.
     vectorised(
         #[inline(always)]
         || {
             if transform.swish {
                 for value in values.iter_mut() {
                     let y = *value * scale + shift;
-                    *value = y / (1.0 + fast_exp(-y));
+                    *value = y / (1.0 + exp(-y));
                 }
             } else {
                 for value in values.iter_mut() {
@@ -305,40 +306,6 @@ pub fn apply_transform(values: &mut [f32], scale: f32, shift: f32, transform: &I
             }
         },
     );
-}
-
-/// `e^x` to about 2 ulp, in straight-line arithmetic that vectorises (libm's `expf` does not):
-/// `2^(x log2 e)` split into an integer power of two, set in the exponent bits, times a degree-6
-/// polynomial of the fraction. Saturates to 0 below -87 and to +inf above 88.
-#[inline(always)]
-pub fn fast_exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.5);
-    let scaled = x * std::f32::consts::LOG2_E;
-    // Round to nearest by adding and removing 1.5 * 2^23 (`f32::round` is a libm call that
-    // stops the loop from vectorising).
-    let shifted = scaled + 12_582_912.0;
-    let whole = shifted - 12_582_912.0;
-    // The fraction in natural-log units, reduced with ln 2 split in two for accuracy.
-    let fraction = (x - whole * 0.693_145_75) - whole * 1.428_606_8e-6;
-    let polynomial = 1.0
-        + fraction
-            * (1.0
-                + fraction
-                    * (0.5
-                        + fraction
-                            * (0.166_666_67
-                                + fraction
-                                    * (0.041_666_668
-                                        + fraction * (0.008_333_334 + fraction * 0.001_388_889)))));
-    // 2^whole built in the exponent bits. `shifted`'s bits are those of 1.5 * 2^23 plus the
-    // integer `whole`; integer arithmetic on them vectorises, where `whole as i32` (a saturating
-    // conversion) compiles to a scalar compare and branch per value.
-    let exponent = shifted
-        .to_bits()
-        .wrapping_sub(0x4B40_0000)
-        .wrapping_add(127);
-    let power = f32::from_bits(exponent << 23);
-    polynomial * power
 }
 
 /// Runs every (batch, pixel block) of a strip in parallel.
@@ -1001,20 +968,5 @@ mod tests {
             );
             assert!(max_difference(&fast, &portable) < 1e-4);
         }
-    }
-
-    /// `fast_exp` stays within a few ulp of `exp` over the range swish uses.
-    #[test]
-    fn fast_exp_is_accurate() {
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let exact = (x as f64).exp();
-            let relative = ((fast_exp(x) as f64 - exact) / exact).abs();
-            assert!(relative < 1e-6, "x {x}: {relative}");
-            x += 0.037;
-        }
-        let floor = (-87.0f64).exp();
-        assert!(((fast_exp(-200.0) as f64 - floor) / floor).abs() < 1e-6);
-        assert!(fast_exp(200.0) > 1e38);
     }
 }

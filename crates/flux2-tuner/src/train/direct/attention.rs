@@ -8,11 +8,10 @@
 //! values (q, k, v are rounded by the caller; the probabilities, score gradients and output
 //! gradients here), multiplied exactly and accumulated in f32, as AMX does.
 
-use crate::nn::host::zeroed_f32;
 use rayon::prelude::*;
 
 use super::matrix::{multiply, round_in_place, Matrix};
-use crate::nn::host::{lane_dot, vectorised, SharedOutput, WriteOnce};
+use crate::nn::host::{lane_dot, vectorised, zeroed_f32, SharedOutput, WriteOnce};
 use crate::nn::softmax::exp;
 
 /// Query rows per block: one block's scores are `[BLOCK_ROWS, L]`.

@@ -4,7 +4,6 @@
 //! packed once per head. Used when AMX is available; the results equal the f32 path's up to the
 //! order of the f32 accumulation.
 
-use crate::nn::host::zeroed_f32;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -16,7 +15,7 @@ use super::attention::{
 use super::matrix::to_bf16;
 use crate::nn::amx::{self, PackedB};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::{vectorised, SharedOutput};
+use crate::nn::host::{vectorised, zeroed_f32, SharedOutput};
 
 /// `out = a B` (`a` `[rows, k]` bf16) through AMX; `out` `[rows, n]` is overwritten.
 fn product(a: &[bf16], rows: usize, k: usize, b: &PackedB, n: usize, out: &mut [f32]) {
