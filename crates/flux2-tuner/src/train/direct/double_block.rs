@@ -234,15 +234,13 @@ fn stream_backward_to_attention(
     let [attention_mod, mlp_mod] = inputs.modulation;
     let width = tape.activated.len() / rows.max(1);
     let d_mlp_out = gated(d_out, &mlp_mod.gate, hidden, length);
-    let mut d_activated = zeroed_f32(rows * width);
-    linear::backward(
+    let d_activated = linear::backward(
         &inputs.mlp.layer_2,
         gradients,
         &tape.activated,
         &tape.mlp_2_saved,
         &d_mlp_out,
         rows,
-        Some(&mut d_activated),
     )?;
     let mut d_mlp_in = zeroed_f32(rows * 2 * width);
     swiglu_backward(
@@ -257,15 +255,13 @@ fn stream_backward_to_attention(
         0,
         &mut d_mlp_in,
     );
-    let mut d_modulated_1 = zeroed_f32(rows * hidden);
-    linear::backward(
+    let d_modulated_1 = linear::backward(
         &inputs.mlp.layer_0,
         gradients,
         &tape.modulated_1,
         &tape.mlp_0_saved,
         &d_mlp_in,
         rows,
-        Some(&mut d_modulated_1),
     )?;
     let mut d_x1 = d_out.to_vec();
     modulate_backward(
@@ -278,15 +274,13 @@ fn stream_backward_to_attention(
         &mut d_x1,
     );
     let d_projected = gated(&d_x1, &attention_mod.gate, hidden, length);
-    let mut d_attended = zeroed_f32(rows * hidden);
-    linear::backward(
+    let d_attended = linear::backward(
         &inputs.attention.proj,
         gradients,
         &tape.attended,
         &tape.proj_saved,
         &d_projected,
         rows,
-        Some(&mut d_attended),
     )?;
     Ok((d_x1, d_attended))
 }
@@ -335,15 +329,13 @@ pub(super) fn backward(
             .qk_norm_rope(inputs.stream, 3 * hidden, &scales)
             .backward(&stream_tape.qkv, &dq, &dk, &dv, &mut d_qkv);
         if input_gradients {
-            let mut d_modulated_0 = zeroed_f32(rows * hidden);
-            linear::backward(
+            let d_modulated_0 = linear::backward(
                 &inputs.attention.qkv,
                 gradients,
                 &stream_tape.modulated_0,
                 &stream_tape.qkv_saved,
                 &d_qkv,
                 rows,
-                Some(&mut d_modulated_0),
             )?;
             let modulation = &inputs.modulation[0];
             modulate_backward(
@@ -357,7 +349,7 @@ pub(super) fn backward(
             );
             input_grads.push(d_x);
         } else {
-            linear::backward(
+            linear::adapters_backward(
                 &inputs.attention.qkv,
                 gradients,
                 &stream_tape.modulated_0,

@@ -225,9 +225,8 @@ pub(super) fn forward(
     Ok((y, LinearSaved { adapters: saved }))
 }
 
-/// Adds the adapters' gradients to `gradients` and, when `dx` is given, writes the input gradient
-/// `dy W + LoRA` into it.
-#[allow(clippy::too_many_arguments)]
+/// Adds the adapters' gradients to `gradients` and returns the input gradient `dy W + LoRA`
+/// `[rows, in]`.
 pub(super) fn backward(
     linear: &Linear,
     gradients: &mut Gradients,
@@ -235,16 +234,31 @@ pub(super) fn backward(
     saved: &LinearSaved,
     dy: &[f32],
     rows: usize,
-    dx: Option<&mut [f32]>,
+) -> Result<Vec<f32>> {
+    let (in_features, out_features) = (linear.in_features(), linear.out_features());
+    // The base product writes `dx` once; the adapters add their terms to it.
+    let mut dx = with_weight(linear, |weight| {
+        weight.backward(dy, rows, out_features, in_features)
+    })?;
+    adapters_backward(linear, gradients, x, saved, dy, rows, Some(&mut dx))?;
+    Ok(dx)
+}
+
+/// Adds the adapters' gradients to `gradients` and, when `dx` is given, their input-gradient
+/// terms to it (without `dx`: the first block, whose input gradient nothing uses).
+pub(super) fn adapters_backward(
+    linear: &Linear,
+    gradients: &mut Gradients,
+    x: &[f32],
+    saved: &LinearSaved,
+    dy: &[f32],
+    rows: usize,
+    mut dx: Option<&mut [f32]>,
 ) -> Result<()> {
     let (in_features, out_features) = (linear.in_features(), linear.out_features());
     let adapters = adapters(linear, gradients)?;
     let dy_matrix = Matrix::rows(dy, rows, out_features);
     let x_matrix = Matrix::rows(x, rows, in_features);
-    let mut dx = dx;
-    if let Some(dx) = dx.as_deref_mut() {
-        with_weight(linear, |weight| weight.backward(dy, rows, out_features, dx))?;
-    }
     for (adapter, kept) in adapters.iter().zip(&saved.adapters) {
         let Some(kept) = kept else {
             continue;

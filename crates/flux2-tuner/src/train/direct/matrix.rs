@@ -45,73 +45,56 @@ impl FrozenWeight<'_> {
                 Matrix::rows(weight, out_features, in_features).t(),
                 1.0,
             ),
-            Self::Bf16(weight) => {
-                let a_rounded = to_bf16(&x[..rows * in_features]);
-                if amx::available() {
-                    // Element (i, o) of W^T is W[o, i].
-                    let packed = PackedB::new(weight, in_features, out_features, 1, in_features);
-                    let y =
-                        amx::product(&a_rounded, rows, in_features, &packed, out_features, |v| v);
-                    if let Some(y) = y {
-                        return y;
-                    }
-                }
-                let (a, b) = widened(&a_rounded, rows, in_features, weight, false, out_features);
-                product(a.matrix(), b.matrix(), 1.0)
-            }
+            // Element (i, o) of W^T is W[o, i].
+            Self::Bf16(weight) => bf16_product(x, rows, in_features, weight, false, out_features),
         }
     }
 
-    /// `dx = dy W` for `dy` `[rows, out]`, `dx` `[rows, in]` (overwritten).
-    pub fn backward(&self, dy: &[f32], rows: usize, out_features: usize, dx: &mut [f32]) {
-        let in_features = dx.len() / rows.max(1);
+    /// `dx = dy W` `[rows, in]` for `dy` `[rows, out]`, as a new vector (written once: the
+    /// callers then add the LoRA terms to it).
+    pub fn backward(
+        &self,
+        dy: &[f32],
+        rows: usize,
+        out_features: usize,
+        in_features: usize,
+    ) -> Vec<f32> {
         match self {
-            Self::F32(weight) => multiply(
-                dx,
-                in_features,
+            Self::F32(weight) => product(
                 Matrix::rows(dy, rows, out_features),
                 Matrix::rows(weight, out_features, in_features),
                 1.0,
-                false,
             ),
-            Self::Bf16(weight) => {
-                // `W` itself is the `[k, n]` = `[out, in]` operand.
-                let packed = || PackedB::new(weight, out_features, in_features, in_features, 1);
-                bf16_product(
-                    dy,
-                    rows,
-                    out_features,
-                    packed,
-                    weight,
-                    true,
-                    dx,
-                    in_features,
-                );
-            }
+            // `W` itself is the `[k, n]` = `[out, in]` operand.
+            Self::Bf16(weight) => bf16_product(dy, rows, out_features, weight, true, in_features),
         }
     }
 }
 
-/// `out = round(a) B` with `B` the bf16 weight as `[k, n]` (`transposed_weight`: `W` itself,
-/// `[out, in]` = `[k, n]`; else `W^T`). On AMX the packed operand comes from `packed`; without
-/// AMX both operands are widened to f32 and multiplied by `gemm`.
-#[allow(clippy::too_many_arguments)]
+/// `round(a) B` as a new `[rows, n]` vector, with `B` the bf16 weight as `[k, n]`
+/// (`weight_is_k_by_n`: `W` itself, `[out, in]` = `[k, n]`; else `W^T`). On AMX tiles when
+/// available; otherwise both operands are widened to f32 and multiplied by `gemm`.
 fn bf16_product(
     a: &[f32],
     rows: usize,
     k: usize,
-    packed: impl FnOnce() -> PackedB,
     weight: &[bf16],
     weight_is_k_by_n: bool,
-    out: &mut [f32],
     n: usize,
-) {
+) -> Vec<f32> {
     let a_rounded = to_bf16(&a[..rows * k]);
-    if amx::available() && amx::multiply(&a_rounded, rows, k, &packed(), n, out, |v| v) {
-        return;
+    if amx::available() {
+        let packed = if weight_is_k_by_n {
+            PackedB::new(weight, k, n, n, 1)
+        } else {
+            PackedB::new(weight, k, n, 1, k)
+        };
+        if let Some(out) = amx::product(&a_rounded, rows, k, &packed, n, |v| v) {
+            return out;
+        }
     }
     let (a, b) = widened(&a_rounded, rows, k, weight, weight_is_k_by_n, n);
-    multiply(out, n, a.matrix(), b.matrix(), 1.0, false);
+    product(a.matrix(), b.matrix(), 1.0)
 }
 
 /// A row-major f32 matrix that owns its values.
@@ -268,8 +251,8 @@ mod tests {
         let dy = random(rows * out_features, 5);
         let mut rounded_dy = dy.clone();
         round_in_place(&mut rounded_dy);
-        let mut dx = vec![2f32; rows * in_features];
-        frozen.backward(&dy, rows, out_features, &mut dx);
+        let dx = frozen.backward(&dy, rows, out_features, in_features);
+        assert_eq!(dx.len(), rows * in_features);
         let expected = naive(
             Matrix::rows(&rounded_dy, rows, out_features),
             Matrix::rows(&weight_wide, out_features, in_features),

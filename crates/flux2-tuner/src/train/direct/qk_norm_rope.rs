@@ -6,10 +6,8 @@
 
 use rayon::prelude::*;
 
+use super::rows::ROWS_PER_TASK;
 use crate::nn::host::{lane_dot, lane_sum, vectorised};
-
-/// Rows per parallel task of the backward.
-const ROWS_PER_TASK: usize = 16;
 
 /// The layout and frozen inputs shared by forward and backward.
 pub(super) struct QkNormRope<'a> {
@@ -104,59 +102,69 @@ impl QkNormRope<'_> {
         dv: &[f32],
         d_projected: &mut [f32],
     ) {
-        let (head_dim, half) = (self.head_dim, self.head_dim / 2);
         d_projected
             .par_chunks_mut(self.width * ROWS_PER_TASK)
             .enumerate()
             .for_each(|(task, d_rows)| {
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        let mut d_normalised = vec![0f32; head_dim];
-                        for (index, d_row) in d_rows.chunks_exact_mut(self.width).enumerate() {
-                            let row = task * ROWS_PER_TASK + index;
-                            let (sample, token) = (row / self.length, row % self.length);
-                            let table = self.table_offset(sample, token);
-                            let (cos, sin) = (
-                                &self.cos[table..table + half],
-                                &self.sin[table..table + half],
-                            );
-                            for head in 0..self.heads {
-                                let joint = ((sample * self.heads + head) * self.joint_length
-                                    + self.token_offset
-                                    + token)
-                                    * head_dim;
-                                for (which, scale, d_joint) in
-                                    [(0, self.query_scale, dq), (1, self.key_scale, dk)]
-                                {
-                                    let d = &d_joint[joint..joint + head_dim];
-                                    for (j, (c, s)) in cos.iter().zip(sin).enumerate() {
-                                        let (da, db) = (d[2 * j], d[2 * j + 1]);
-                                        d_normalised[2 * j] = (da * c + db * s) * scale[2 * j];
-                                        d_normalised[2 * j + 1] =
-                                            (db * c - da * s) * scale[2 * j + 1];
-                                    }
-                                    let start = self.input_offset(sample, token, which, head);
-                                    let input = &projected[start..start + head_dim];
-                                    let inverse = inverse_rms(input, self.eps);
-                                    let dot =
-                                        lane_dot(&d_normalised, input) * inverse / head_dim as f32;
-                                    let local = start - row * self.width;
-                                    let out = &mut d_row[local..local + head_dim];
-                                    for ((o, g), x) in out.iter_mut().zip(&d_normalised).zip(input)
-                                    {
-                                        *o = inverse * (g - x * inverse * dot);
-                                    }
-                                }
-                                let local =
-                                    self.input_offset(sample, token, 2, head) - row * self.width;
-                                d_row[local..local + head_dim]
-                                    .copy_from_slice(&dv[joint..joint + head_dim]);
+                self.backward_rows(projected, dq, dk, dv, task * ROWS_PER_TASK, d_rows)
+            });
+    }
+
+    /// [`Self::backward`] for the rows from `first_row` on that `d_rows` holds (whole rows of
+    /// `width`): writes their q, k, v columns only.
+    pub fn backward_rows(
+        &self,
+        projected: &[f32],
+        dq: &[f32],
+        dk: &[f32],
+        dv: &[f32],
+        first_row: usize,
+        d_rows: &mut [f32],
+    ) {
+        let (head_dim, half) = (self.head_dim, self.head_dim / 2);
+        vectorised(
+            #[inline(always)]
+            || {
+                let mut d_normalised = vec![0f32; head_dim];
+                for (index, d_row) in d_rows.chunks_exact_mut(self.width).enumerate() {
+                    let row = first_row + index;
+                    let (sample, token) = (row / self.length, row % self.length);
+                    let table = self.table_offset(sample, token);
+                    let (cos, sin) = (
+                        &self.cos[table..table + half],
+                        &self.sin[table..table + half],
+                    );
+                    for head in 0..self.heads {
+                        let joint = ((sample * self.heads + head) * self.joint_length
+                            + self.token_offset
+                            + token)
+                            * head_dim;
+                        for (which, scale, d_joint) in
+                            [(0, self.query_scale, dq), (1, self.key_scale, dk)]
+                        {
+                            let d = &d_joint[joint..joint + head_dim];
+                            for (j, (c, s)) in cos.iter().zip(sin).enumerate() {
+                                let (da, db) = (d[2 * j], d[2 * j + 1]);
+                                d_normalised[2 * j] = (da * c + db * s) * scale[2 * j];
+                                d_normalised[2 * j + 1] = (db * c - da * s) * scale[2 * j + 1];
+                            }
+                            let start = self.input_offset(sample, token, which, head);
+                            let input = &projected[start..start + head_dim];
+                            let inverse = inverse_rms(input, self.eps);
+                            let dot = lane_dot(&d_normalised, input) * inverse / head_dim as f32;
+                            let local = start - row * self.width;
+                            let out = &mut d_row[local..local + head_dim];
+                            for ((o, g), x) in out.iter_mut().zip(&d_normalised).zip(input) {
+                                *o = inverse * (g - x * inverse * dot);
                             }
                         }
-                    },
-                )
-            });
+                        let local = self.input_offset(sample, token, 2, head) - row * self.width;
+                        d_row[local..local + head_dim]
+                            .copy_from_slice(&dv[joint..joint + head_dim]);
+                    }
+                }
+            },
+        )
     }
 }
 

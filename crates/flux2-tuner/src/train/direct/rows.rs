@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::nn::host::{lane_sum, lane_sum_pairs, vectorised, written_in_parts, SharedOutput};
 
 /// Rows per parallel task: enough work per task to amortise the pool's overhead.
-const ROWS_PER_TASK: usize = 16;
+pub(super) const ROWS_PER_TASK: usize = 16;
 
 /// A new `[length / channels, channels]` matrix whose rows `f(row, out_row)` writes, in parallel
 /// blocks of rows, compiled for the CPU's vector width.
@@ -223,31 +223,53 @@ pub(super) fn swiglu_backward(
     d_column: usize,
     d_input: &mut [f32],
 ) {
-    let width = columns.width;
     d_input
         .par_chunks_mut(columns.stride * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, d_rows)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for (index, d_row) in d_rows.chunks_mut(columns.stride).enumerate() {
-                        let row = task * ROWS_PER_TASK + index;
-                        let start = row * columns.stride + columns.column;
-                        let a = &input[start..start + width];
-                        let b = &input[start + width..start + 2 * width];
-                        let d = &d_out[row * d_stride + d_column..][..width];
-                        let (d_a, d_b) =
-                            d_row[columns.column..columns.column + 2 * width].split_at_mut(width);
-                        for j in 0..width {
-                            let s = sigmoid(a[j]);
-                            d_a[j] = d[j] * b[j] * s * (1.0 + a[j] * (1.0 - s));
-                            d_b[j] = d[j] * a[j] * s;
-                        }
-                    }
-                },
+            swiglu_backward_rows(
+                input,
+                columns,
+                d_out,
+                d_stride,
+                d_column,
+                task * ROWS_PER_TASK,
+                d_rows,
             )
         });
+}
+
+/// [`swiglu_backward`] for the rows from `first_row` on that `d_rows` holds (whole rows of
+/// `columns.stride`): writes their SwiGLU columns only.
+pub(super) fn swiglu_backward_rows(
+    input: &[f32],
+    columns: SwigluColumns,
+    d_out: &[f32],
+    d_stride: usize,
+    d_column: usize,
+    first_row: usize,
+    d_rows: &mut [f32],
+) {
+    let width = columns.width;
+    vectorised(
+        #[inline(always)]
+        || {
+            for (index, d_row) in d_rows.chunks_mut(columns.stride).enumerate() {
+                let row = first_row + index;
+                let start = row * columns.stride + columns.column;
+                let a = &input[start..start + width];
+                let b = &input[start + width..start + 2 * width];
+                let d = &d_out[row * d_stride + d_column..][..width];
+                let (d_a, d_b) =
+                    d_row[columns.column..columns.column + 2 * width].split_at_mut(width);
+                for j in 0..width {
+                    let s = sigmoid(a[j]);
+                    d_a[j] = d[j] * b[j] * s * (1.0 + a[j] * (1.0 - s));
+                    d_b[j] = d[j] * a[j] * s;
+                }
+            }
+        },
+    )
 }
 
 #[cfg(test)]
