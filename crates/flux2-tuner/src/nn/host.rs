@@ -121,25 +121,25 @@ pub fn written_in_parts<T: Copy + Send + Sync>(
     out.spare_capacity_mut()[..length]
         .par_chunks_mut(part.max(1))
         .enumerate()
-        .for_each(|(index, slots)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for slot in slots.iter_mut() {
-                        slot.write(zero);
-                    }
-                },
-            );
-            // SAFETY: every slot of the part was initialised just above; `MaybeUninit<T>` has
-            // `T`'s layout.
-            let values = unsafe {
-                std::slice::from_raw_parts_mut(slots.as_mut_ptr().cast::<T>(), slots.len())
-            };
-            write(index, values);
-        });
+        .for_each(|(index, slots)| write(index, zeroed_part(slots, zero)));
     // SAFETY: the parts cover all `length` slots, each initialised above.
     unsafe { out.set_len(length) };
     out
+}
+
+/// `slots` set to `zero` (in 64-byte stores), as initialised values: for a task to zero its part
+/// of a new buffer while the part's lines are in its core's cache (see [`written_in_parts`]).
+pub fn zeroed_part<T: Copy>(slots: &mut [std::mem::MaybeUninit<T>], zero: T) -> &mut [T] {
+    vectorised(
+        #[inline(always)]
+        || {
+            for slot in slots.iter_mut() {
+                slot.write(zero);
+            }
+        },
+    );
+    // SAFETY: every slot was initialised just above; `MaybeUninit<T>` has `T`'s layout.
+    unsafe { std::slice::from_raw_parts_mut(slots.as_mut_ptr().cast::<T>(), slots.len()) }
 }
 
 /// A new buffer of `length` values that parallel tasks write through [`SharedOutput`] before

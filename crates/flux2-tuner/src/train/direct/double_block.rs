@@ -11,8 +11,8 @@ use super::context::{norm_scales, Modulation, StepContext, Stream, NORM_EPS};
 use super::linear::{self, Gradients, LinearSaved};
 use super::matrix::round_in_place;
 use super::rows::{
-    gated, gated_add, modulate_backward, modulate_forward, swiglu_backward, swiglu_forward,
-    RowStatistics, SwigluColumns,
+    gated, gated_add, modulate_backward, modulate_forward, swiglu_backward_rows,
+    swiglu_forward_rows, written_rows, RowStatistics, SwigluColumns,
 };
 use crate::error::{Error, Result};
 use crate::models::dit::blocks::{DoubleStreamBlock, SelfAttention, SwiGluMlp};
@@ -164,18 +164,14 @@ pub(super) fn forward(
             context.batch,
         )?;
         let width = mlp_in.len() / rows.max(1) / 2;
-        let mut activated = zeroed_f32(rows * width);
-        swiglu_forward(
-            &mlp_in,
-            SwigluColumns {
-                column: 0,
-                width,
-                stride: 2 * width,
-            },
-            &mut activated,
+        let columns = SwigluColumns {
+            column: 0,
             width,
-            0,
-        );
+            stride: 2 * width,
+        };
+        let activated = written_rows(rows, width, |first_row, block| {
+            swiglu_forward_rows(&mlp_in, columns, width, 0, first_row, block)
+        });
         let (mlp_out, mlp_2_saved) = linear::forward(
             &inputs.mlp.layer_2,
             gradients,
@@ -242,19 +238,22 @@ fn stream_backward_to_attention(
         &d_mlp_out,
         rows,
     )?;
-    let mut d_mlp_in = zeroed_f32(rows * 2 * width);
-    swiglu_backward(
-        &tape.mlp_in,
-        SwigluColumns {
-            column: 0,
-            width,
-            stride: 2 * width,
-        },
-        &d_activated,
+    let columns = SwigluColumns {
+        column: 0,
         width,
-        0,
-        &mut d_mlp_in,
-    );
+        stride: 2 * width,
+    };
+    let d_mlp_in = written_rows(rows, 2 * width, |first_row, block| {
+        swiglu_backward_rows(
+            &tape.mlp_in,
+            columns,
+            &d_activated,
+            width,
+            0,
+            first_row,
+            block,
+        )
+    });
     let d_modulated_1 = linear::backward(
         &inputs.mlp.layer_0,
         gradients,
@@ -324,10 +323,10 @@ pub(super) fn backward(
         let length = inputs.stream.length;
         let rows = context.batch * length;
         let scales = norm_scales(&inputs.attention.norm)?;
-        let mut d_qkv = zeroed_f32(rows * 3 * hidden);
-        context
-            .qk_norm_rope(inputs.stream, 3 * hidden, &scales)
-            .backward(&stream_tape.qkv, &dq, &dk, &dv, &mut d_qkv);
+        let qk_norm_rope = context.qk_norm_rope(inputs.stream, 3 * hidden, &scales);
+        let d_qkv = written_rows(rows, 3 * hidden, |first_row, block| {
+            qk_norm_rope.backward_rows(&stream_tape.qkv, &dq, &dk, &dv, first_row, block)
+        });
         if input_gradients {
             let d_modulated_0 = linear::backward(
                 &inputs.attention.qkv,

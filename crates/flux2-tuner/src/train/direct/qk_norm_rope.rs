@@ -6,7 +6,6 @@
 
 use rayon::prelude::*;
 
-use super::rows::ROWS_PER_TASK;
 use crate::nn::host::{lane_dot, lane_sum, vectorised};
 
 /// The layout and frozen inputs shared by forward and backward.
@@ -91,27 +90,10 @@ impl QkNormRope<'_> {
             });
     }
 
-    /// Writes the gradient of this stream's projections (`[rows, width]`, the q, k, v columns)
-    /// from the joint `dq`, `dk`, `dv`. With `m = n * scale` and the rotation `R`:
-    /// `dm = R^T d`, `dn = dm * scale`, `dx = r (dn - n mean(dn n))`.
-    pub fn backward(
-        &self,
-        projected: &[f32],
-        dq: &[f32],
-        dk: &[f32],
-        dv: &[f32],
-        d_projected: &mut [f32],
-    ) {
-        d_projected
-            .par_chunks_mut(self.width * ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(task, d_rows)| {
-                self.backward_rows(projected, dq, dk, dv, task * ROWS_PER_TASK, d_rows)
-            });
-    }
-
-    /// [`Self::backward`] for the rows from `first_row` on that `d_rows` holds (whole rows of
-    /// `width`): writes their q, k, v columns only.
+    /// The gradient of this stream's projections from the joint `dq`, `dk`, `dv`, for the rows
+    /// from `first_row` on that `d_rows` holds (whole rows of `width`; only their q, k, v columns
+    /// are written). With `m = n * scale` and the rotation `R`: `dm = R^T d`,
+    /// `dn = dm * scale`, `dx = r (dn - n mean(dn n))`.
     pub fn backward_rows(
         &self,
         projected: &[f32],
@@ -223,11 +205,12 @@ mod tests {
                 .sum()
         };
         let mut d_projected = vec![9f32; projected.len()];
-        layout.backward(
+        layout.backward_rows(
             &projected,
             &weights[0],
             &weights[1],
             &weights[2],
+            0,
             &mut d_projected,
         );
         let step = 1e-2f32;

@@ -10,15 +10,28 @@ use crate::nn::host::{lane_sum, lane_sum_pairs, vectorised, written_in_parts, Sh
 /// Rows per parallel task: enough work per task to amortise the pool's overhead.
 pub(super) const ROWS_PER_TASK: usize = 16;
 
+/// A new `[rows, width]` matrix made by `write(first_row, block)` for each block of
+/// [`ROWS_PER_TASK`] whole rows, in parallel; each block is zeroed in cache just before (see
+/// `written_in_parts`), so `write` may leave columns alone.
+pub(super) fn written_rows(
+    rows: usize,
+    width: usize,
+    write: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    written_in_parts(rows * width, width * ROWS_PER_TASK, 0.0, |task, block| {
+        write(task * ROWS_PER_TASK, block)
+    })
+}
+
 /// A new `[length / channels, channels]` matrix whose rows `f(row, out_row)` writes, in parallel
 /// blocks of rows, compiled for the CPU's vector width.
 fn rows_from(length: usize, channels: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    written_in_parts(length, channels * ROWS_PER_TASK, 0.0, |task, out_rows| {
+    written_rows(length / channels.max(1), channels, |first_row, out_rows| {
         vectorised(
             #[inline(always)]
             || {
                 for (index, out_row) in out_rows.chunks_exact_mut(channels).enumerate() {
-                    f(task * ROWS_PER_TASK + index, out_row);
+                    f(first_row + index, out_row);
                 }
             },
         )
@@ -182,65 +195,38 @@ fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + crate::nn::softmax::exp(-v))
 }
 
-/// `silu(a) * b` into `out` (row stride `out_stride`, from column `out_column`).
-pub(super) fn swiglu_forward(
+/// `silu(a) * b` into the rows from `first_row` on that `out_rows` holds (row stride
+/// `out_stride`, from column `out_column`); other columns are left alone.
+pub(super) fn swiglu_forward_rows(
     input: &[f32],
     columns: SwigluColumns,
-    out: &mut [f32],
     out_stride: usize,
     out_column: usize,
+    first_row: usize,
+    out_rows: &mut [f32],
 ) {
     let width = columns.width;
-    out.par_chunks_mut(out_stride * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(task, out_rows)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for (index, out_row) in out_rows.chunks_mut(out_stride).enumerate() {
-                        let row = task * ROWS_PER_TASK + index;
-                        let start = row * columns.stride + columns.column;
-                        let a = &input[start..start + width];
-                        let b = &input[start + width..start + 2 * width];
-                        let out_row = &mut out_row[out_column..out_column + width];
-                        for j in 0..width {
-                            out_row[j] = a[j] * sigmoid(a[j]) * b[j];
-                        }
-                    }
-                },
-            )
-        });
+    vectorised(
+        #[inline(always)]
+        || {
+            for (index, out_row) in out_rows.chunks_mut(out_stride).enumerate() {
+                let row = first_row + index;
+                let start = row * columns.stride + columns.column;
+                let a = &input[start..start + width];
+                let b = &input[start + width..start + 2 * width];
+                let out_row = &mut out_row[out_column..out_column + width];
+                for j in 0..width {
+                    out_row[j] = a[j] * sigmoid(a[j]) * b[j];
+                }
+            }
+        },
+    )
 }
 
-/// The gradient of [`swiglu_forward`] written into `d_input` (same layout as `input`):
-/// `da = d silu(a) b (1 + a (1 - silu'))`, i.e. `d b sigmoid(a) (1 + a (1 - sigmoid(a)))`, and
-/// `db = d silu(a)`. `d_out` has row stride `d_stride` from column `d_column`.
-pub(super) fn swiglu_backward(
-    input: &[f32],
-    columns: SwigluColumns,
-    d_out: &[f32],
-    d_stride: usize,
-    d_column: usize,
-    d_input: &mut [f32],
-) {
-    d_input
-        .par_chunks_mut(columns.stride * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(task, d_rows)| {
-            swiglu_backward_rows(
-                input,
-                columns,
-                d_out,
-                d_stride,
-                d_column,
-                task * ROWS_PER_TASK,
-                d_rows,
-            )
-        });
-}
-
-/// [`swiglu_backward`] for the rows from `first_row` on that `d_rows` holds (whole rows of
-/// `columns.stride`): writes their SwiGLU columns only.
+/// The gradient of [`swiglu_forward_rows`] for the rows from `first_row` on that `d_rows` holds
+/// (whole rows of `columns.stride`, the layout of `input`; only their SwiGLU columns are
+/// written): `da = d b sigmoid(a) (1 + a (1 - sigmoid(a)))` and `db = d silu(a)`. `d_out` has
+/// row stride `d_stride` from column `d_column`.
 pub(super) fn swiglu_backward_rows(
     input: &[f32],
     columns: SwigluColumns,
@@ -339,11 +325,11 @@ mod tests {
         let weights = random(rows * width, 6);
         let f = |input: &[f32]| {
             let mut out = vec![0f32; rows * width];
-            swiglu_forward(input, columns, &mut out, width, 0);
+            swiglu_forward_rows(input, columns, width, 0, 0, &mut out);
             out
         };
         let mut d_input = vec![7f32; input.len()];
-        swiglu_backward(&input, columns, &weights, width, 0, &mut d_input);
+        swiglu_backward_rows(&input, columns, &weights, width, 0, 0, &mut d_input);
         for row in 0..rows {
             for c in 0..stride {
                 let index = row * stride + c;

@@ -7,12 +7,12 @@ use super::context::{norm_scales, StepContext, NORM_EPS};
 use super::linear::{self, Gradients, LinearSaved};
 use super::matrix::round_in_place;
 use super::rows::{
-    gated, gated_add, modulate_backward, modulate_forward, swiglu_backward_rows, swiglu_forward,
-    RowStatistics, SwigluColumns, ROWS_PER_TASK,
+    gated, gated_add, modulate_backward, modulate_forward, swiglu_backward_rows,
+    swiglu_forward_rows, written_rows, RowStatistics, SwigluColumns,
 };
 use crate::error::Result;
 use crate::models::dit::blocks::SingleStreamBlock;
-use crate::nn::host::{written_in_parts, zeroed_f32};
+use crate::nn::host::zeroed_f32;
 
 pub(super) struct SingleTape {
     x: Vec<f32>,
@@ -87,7 +87,18 @@ pub(super) fn forward(
             round_in_place(values);
         }
     }
-    let mut joined = zeroed_f32(rows * widths.joined);
+    // `[attention | swiglu(mlp_in)]`: the SwiGLU columns are written in the pass that zeroes
+    // each block of rows, then the attention writes the others.
+    let mut joined = written_rows(rows, widths.joined, |first_row, block| {
+        swiglu_forward_rows(
+            &projected,
+            swiglu_columns(context, &widths),
+            widths.joined,
+            hidden,
+            first_row,
+            block,
+        )
+    });
     let attention = attention::forward(
         context.attention(widths.joined),
         &q,
@@ -95,13 +106,6 @@ pub(super) fn forward(
         &v,
         &mut joined,
         context.keep_probabilities,
-    );
-    swiglu_forward(
-        &projected,
-        swiglu_columns(context, &widths),
-        &mut joined,
-        widths.joined,
-        hidden,
     );
     let (out, linear2_saved) =
         linear::forward(&block.linear2, gradients, &joined, rows, context.batch)?;
@@ -159,26 +163,19 @@ pub(super) fn backward(
     let joint = super::context::Stream { length, offset: 0 };
     let qk_norm_rope = context.qk_norm_rope(joint, widths.projected, &scales);
     // One pass over the projections' gradient: each block of rows gets its q, k, v columns and
-    // its SwiGLU columns while in cache (zeroed there first, instead of a fill over the whole
-    // 21 MB buffer of the mid-size benchmark before two further passes).
-    let d_projected = written_in_parts(
-        rows * widths.projected,
-        widths.projected * ROWS_PER_TASK,
-        0.0,
-        |task, d_rows| {
-            let first_row = task * ROWS_PER_TASK;
-            qk_norm_rope.backward_rows(&tape.projected, &dq, &dk, &dv, first_row, d_rows);
-            swiglu_backward_rows(
-                &tape.projected,
-                swiglu_columns(context, &widths),
-                &d_joined,
-                widths.joined,
-                hidden,
-                first_row,
-                d_rows,
-            );
-        },
-    );
+    // its SwiGLU columns while in cache.
+    let d_projected = written_rows(rows, widths.projected, |first_row, d_rows| {
+        qk_norm_rope.backward_rows(&tape.projected, &dq, &dk, &dv, first_row, d_rows);
+        swiglu_backward_rows(
+            &tape.projected,
+            swiglu_columns(context, &widths),
+            &d_joined,
+            widths.joined,
+            hidden,
+            first_row,
+            d_rows,
+        );
+    });
     let d_modulated = linear::backward(
         &block.linear1,
         gradients,
