@@ -8,7 +8,7 @@
 
 use super::attention::{self, AttentionSaved};
 use super::context::{norm_scales, Modulation, StepContext, Stream, NORM_EPS};
-use super::linear::{self, Gradients, LinearSaved};
+use super::linear::{self, BackwardInput, Gradients, LinearSaved};
 use super::matrix::round_in_place;
 use super::rows::{
     gated, gated_add, modulate_backward, modulate_forward, swiglu_backward_rows,
@@ -233,10 +233,12 @@ fn stream_backward_to_attention(
     let d_activated = linear::backward(
         &inputs.mlp.layer_2,
         gradients,
-        &tape.activated,
-        &tape.mlp_2_saved,
-        &d_mlp_out,
-        rows,
+        BackwardInput {
+            x: &tape.activated,
+            saved: &tape.mlp_2_saved,
+            dy: &d_mlp_out,
+            rows,
+        },
     )?;
     let columns = SwigluColumns {
         column: 0,
@@ -257,10 +259,12 @@ fn stream_backward_to_attention(
     let d_modulated_1 = linear::backward(
         &inputs.mlp.layer_0,
         gradients,
-        &tape.modulated_1,
-        &tape.mlp_0_saved,
-        &d_mlp_in,
-        rows,
+        BackwardInput {
+            x: &tape.modulated_1,
+            saved: &tape.mlp_0_saved,
+            dy: &d_mlp_in,
+            rows,
+        },
     )?;
     let mut d_x1 = d_out.to_vec();
     modulate_backward(
@@ -276,10 +280,12 @@ fn stream_backward_to_attention(
     let d_attended = linear::backward(
         &inputs.attention.proj,
         gradients,
-        &tape.attended,
-        &tape.proj_saved,
-        &d_projected,
-        rows,
+        BackwardInput {
+            x: &tape.attended,
+            saved: &tape.proj_saved,
+            dy: &d_projected,
+            rows,
+        },
     )?;
     Ok((d_x1, d_attended))
 }
@@ -331,10 +337,12 @@ pub(super) fn backward(
             let d_modulated_0 = linear::backward(
                 &inputs.attention.qkv,
                 gradients,
-                &stream_tape.modulated_0,
-                &stream_tape.qkv_saved,
-                &d_qkv,
-                rows,
+                BackwardInput {
+                    x: &stream_tape.modulated_0,
+                    saved: &stream_tape.qkv_saved,
+                    dy: &d_qkv,
+                    rows,
+                },
             )?;
             let modulation = &inputs.modulation[0];
             modulate_backward(
@@ -351,10 +359,12 @@ pub(super) fn backward(
             linear::adapters_backward(
                 &inputs.attention.qkv,
                 gradients,
-                &stream_tape.modulated_0,
-                &stream_tape.qkv_saved,
-                &d_qkv,
-                rows,
+                BackwardInput {
+                    x: &stream_tape.modulated_0,
+                    saved: &stream_tape.qkv_saved,
+                    dy: &d_qkv,
+                    rows,
+                },
                 None,
             )?;
         }

@@ -225,22 +225,29 @@ pub(super) fn forward(
     Ok((y, LinearSaved { adapters: saved }))
 }
 
+/// What a linear's backward reads: its input `x` `[rows, in]`, what its forward kept, and the
+/// output gradient `dy` `[rows, out]`.
+#[derive(Clone, Copy)]
+pub(super) struct BackwardInput<'a> {
+    pub x: &'a [f32],
+    pub saved: &'a LinearSaved,
+    pub dy: &'a [f32],
+    pub rows: usize,
+}
+
 /// Adds the adapters' gradients to `gradients` and returns the input gradient `dy W + LoRA`
 /// `[rows, in]`.
 pub(super) fn backward(
     linear: &Linear,
     gradients: &mut Gradients,
-    x: &[f32],
-    saved: &LinearSaved,
-    dy: &[f32],
-    rows: usize,
+    input: BackwardInput,
 ) -> Result<Vec<f32>> {
     let (in_features, out_features) = (linear.in_features(), linear.out_features());
     // The base product writes `dx` once; the adapters add their terms to it.
     let mut dx = with_weight(linear, |weight| {
-        weight.backward(dy, rows, out_features, in_features)
+        weight.backward(input.dy, input.rows, out_features, in_features)
     })?;
-    adapters_backward(linear, gradients, x, saved, dy, rows, Some(&mut dx))?;
+    adapters_backward(linear, gradients, input, Some(&mut dx))?;
     Ok(dx)
 }
 
@@ -249,12 +256,10 @@ pub(super) fn backward(
 pub(super) fn adapters_backward(
     linear: &Linear,
     gradients: &mut Gradients,
-    x: &[f32],
-    saved: &LinearSaved,
-    dy: &[f32],
-    rows: usize,
+    input: BackwardInput,
     mut dx: Option<&mut [f32]>,
 ) -> Result<()> {
+    let BackwardInput { x, saved, dy, rows } = input;
     let (in_features, out_features) = (linear.in_features(), linear.out_features());
     let adapters = adapters(linear, gradients)?;
     let dy_matrix = Matrix::rows(dy, rows, out_features);

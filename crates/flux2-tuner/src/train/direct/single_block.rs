@@ -4,7 +4,7 @@
 
 use super::attention::{self, AttentionSaved};
 use super::context::{norm_scales, StepContext, NORM_EPS};
-use super::linear::{self, Gradients, LinearSaved};
+use super::linear::{self, BackwardInput, Gradients, LinearSaved};
 use super::matrix::round_in_place;
 use super::rows::{
     gated, gated_add, modulate_backward, modulate_forward, swiglu_backward_rows,
@@ -145,10 +145,12 @@ pub(super) fn backward(
     let d_joined = linear::backward(
         &block.linear2,
         gradients,
-        &tape.joined,
-        &tape.linear2_saved,
-        &d_out,
-        rows,
+        BackwardInput {
+            x: &tape.joined,
+            saved: &tape.linear2_saved,
+            dy: &d_out,
+            rows,
+        },
     )?;
     let (dq, dk, dv) = attention::backward(
         context.attention(widths.joined),
@@ -179,10 +181,12 @@ pub(super) fn backward(
     let d_modulated = linear::backward(
         &block.linear1,
         gradients,
-        &tape.modulated,
-        &tape.linear1_saved,
-        &d_projected,
-        rows,
+        BackwardInput {
+            x: &tape.modulated,
+            saved: &tape.linear1_saved,
+            dy: &d_projected,
+            rows,
+        },
     )?;
     let mut d_x = d_y.to_vec();
     modulate_backward(
