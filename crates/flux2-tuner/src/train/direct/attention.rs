@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::matrix::{multiply, round_in_place, Matrix};
+use super::matrix::{multiply, round_in_place, round_on_this_thread, Matrix};
 use crate::nn::host::{
     lane_dot, vectorised, with_f32_scratch, zeroed_f32, zeroed_part, SharedOutput, WriteOnce,
 };
@@ -240,7 +240,8 @@ pub(super) fn forward_f32(
             );
             // The task's scores live in this thread's scratch: written by the product before any
             // read, so neither allocated nor zeroed per task (432 such 590 KB blocks a step of the
-            // mid-size benchmark).
+            // mid-size benchmark). Nothing inside may wait on the thread pool (see
+            // `round_on_this_thread`); `multiply` runs single-threaded inside a task.
             with_f32_scratch(rows * length, |scores| {
                 multiply(
                     scores,
@@ -265,7 +266,7 @@ pub(super) fn forward_f32(
                     }
                 }
                 if shape.round_products {
-                    round_in_place(scores);
+                    round_on_this_thread(scores);
                 }
                 let start = shape.out_offset(sample, head, first);
                 let span = (rows - 1) * shape.out_stride + head_dim;
@@ -607,6 +608,40 @@ mod tests {
         assert!(out
             .chunks(shape.out_stride)
             .all(|row| row[16..].iter().all(|&v| v == 5.0)));
+    }
+
+    /// bf16 products without AMX (`forward_f32` with `round_products`) on long rows (128 x 2100
+    /// scores, over 1 MB, rounded in the task's scratch): the attention of the rounded inputs.
+    #[test]
+    fn rounded_products_on_long_rows_match_naive_attention() {
+        let shape = AttentionShape {
+            round_products: true,
+            ..shape(2100)
+        };
+        let size = shape.batch * shape.heads * shape.head();
+        let rounded = |seed: u64, scale: f32| {
+            let mut values = random(size, seed, scale);
+            round_in_place(&mut values);
+            values
+        };
+        let (q, k, v) = (rounded(11, 1.0), rounded(12, 1.0), rounded(13, 1.0));
+        let mut out = vec![0f32; shape.batch * shape.length * shape.out_stride];
+        forward_f32(shape, &q, &k, &v, &mut out, false);
+        for pair in 0..shape.batch * shape.heads {
+            let range = pair * shape.head()..(pair + 1) * shape.head();
+            let want = naive_head(
+                &q[range.clone()],
+                &k[range.clone()],
+                &v[range],
+                shape.length,
+                8,
+            );
+            let got = gather(shape, &out, pair / 2, pair % 2);
+            for (g, w) in got.iter().zip(&want) {
+                // The probabilities are rounded to bf16 for the value product.
+                assert!((*g as f64 - w).abs() < 1e-2 * (1.0 + w.abs()), "{g} vs {w}");
+            }
+        }
     }
 
     #[test]
