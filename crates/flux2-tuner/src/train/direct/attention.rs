@@ -573,6 +573,30 @@ mod tests {
             .collect()
     }
 
+    /// Each head of `out` (token-major) is the f64 attention of its q, k, v, within `tolerance`
+    /// of the expected value.
+    fn assert_naive_attention(
+        shape: AttentionShape,
+        [q, k, v]: [&[f32]; 3],
+        out: &[f32],
+        tolerance: impl Fn(f64) -> f64,
+    ) {
+        for pair in 0..shape.batch * shape.heads {
+            let range = pair * shape.head()..(pair + 1) * shape.head();
+            let want = naive_head(
+                &q[range.clone()],
+                &k[range.clone()],
+                &v[range],
+                shape.length,
+                shape.head_dim,
+            );
+            let got = gather(shape, out, pair / shape.heads, pair % shape.heads);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() < tolerance(*w), "{g} vs {w}");
+            }
+        }
+    }
+
     #[test]
     fn forward_matches_naive_attention() {
         // One full block of query rows and a partial one.
@@ -585,20 +609,7 @@ mod tests {
         );
         let mut out = vec![5f32; shape.batch * shape.length * shape.out_stride];
         let saved = forward(shape, &q, &k, &v, &mut out, true);
-        for pair in 0..shape.batch * shape.heads {
-            let range = pair * shape.head()..(pair + 1) * shape.head();
-            let want = naive_head(
-                &q[range.clone()],
-                &k[range.clone()],
-                &v[range],
-                shape.length,
-                8,
-            );
-            let got = gather(shape, &out, pair / 2, pair % 2);
-            for (g, w) in got.iter().zip(&want) {
-                assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
-            }
-        }
+        assert_naive_attention(shape, [&q, &k, &v], &out, |_| 1e-5);
         // Kept probabilities are rows of a softmax.
         let probabilities = saved.probabilities.expect("kept");
         for row in probabilities.chunks(shape.length) {
@@ -627,21 +638,8 @@ mod tests {
         let (q, k, v) = (rounded(11, 1.0), rounded(12, 1.0), rounded(13, 1.0));
         let mut out = vec![0f32; shape.batch * shape.length * shape.out_stride];
         forward_f32(shape, &q, &k, &v, &mut out, false);
-        for pair in 0..shape.batch * shape.heads {
-            let range = pair * shape.head()..(pair + 1) * shape.head();
-            let want = naive_head(
-                &q[range.clone()],
-                &k[range.clone()],
-                &v[range],
-                shape.length,
-                8,
-            );
-            let got = gather(shape, &out, pair / 2, pair % 2);
-            for (g, w) in got.iter().zip(&want) {
-                // The probabilities are rounded to bf16 for the value product.
-                assert!((*g as f64 - w).abs() < 1e-2 * (1.0 + w.abs()), "{g} vs {w}");
-            }
-        }
+        // The probabilities are rounded to bf16 for the value product.
+        assert_naive_attention(shape, [&q, &k, &v], &out, |want| 1e-2 * (1.0 + want.abs()));
     }
 
     #[test]
