@@ -395,21 +395,47 @@ thread_local! {
 
 /// Calls `f` with this thread's f32 scratch of `length` values, kept between calls so that the
 /// kernels' per-block buffers are neither allocated nor zeroed each time. The contents are stale:
-/// `f` must write before it reads. Not reentrant.
+/// `f` must write before it reads.
+///
+/// The buffer is taken out of its cell while `f` runs: if `f` waits on the thread pool, the
+/// thread may run another task that calls this too, and that call gets a buffer of its own.
 pub fn with_f32_scratch<R>(length: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buffer = SCRATCH_F32.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    if buffer.len() < length {
+        buffer.resize(length, 0.0);
+    }
+    let result = f(&mut buffer[..length]);
     SCRATCH_F32.with(|cell| {
-        let mut buffer = cell.borrow_mut();
-        if buffer.len() < length {
-            buffer.resize(length, 0.0);
+        let mut kept = cell.borrow_mut();
+        // A nested call may have put back its own buffer meanwhile: keep the larger.
+        if kept.len() < buffer.len() {
+            *kept = buffer;
         }
-        f(&mut buffer[..length])
-    })
+    });
+    result
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// A call made while an outer call holds the scratch (as a task run by a thread that waits on
+    /// the pool would) gets its own buffer; the outer call's values are untouched.
+    #[test]
+    fn scratch_calls_nest() {
+        let sum = with_f32_scratch(8, |outer| {
+            outer.fill(1.0);
+            let inner = with_f32_scratch(4, |inner| {
+                inner.fill(2.0);
+                inner.iter().sum::<f32>()
+            });
+            inner + outer.iter().sum::<f32>()
+        });
+        assert_eq!(sum, 16.0);
+        // The larger buffer is kept for the next call.
+        with_f32_scratch(8, |buffer| assert_eq!(buffer.len(), 8));
+    }
 
     /// Every slot is handed to `write` once, zeroed, with its part's index; parts cover the
     /// buffer, the last one short.

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::matrix::{multiply, round_in_place, round_on_this_thread, Matrix};
+use super::matrix::{multiply, round_in_place, Matrix};
 use crate::nn::host::{
     lane_dot, vectorised, with_f32_scratch, zeroed_f32, zeroed_part, SharedOutput, WriteOnce,
 };
@@ -240,8 +240,7 @@ pub(super) fn forward_f32(
             );
             // The task's scores live in this thread's scratch: written by the product before any
             // read, so neither allocated nor zeroed per task (432 such 590 KB blocks a step of the
-            // mid-size benchmark). Nothing inside may wait on the thread pool (see
-            // `round_on_this_thread`); `multiply` runs single-threaded inside a task.
+            // mid-size benchmark).
             with_f32_scratch(rows * length, |scores| {
                 multiply(
                     scores,
@@ -266,7 +265,7 @@ pub(super) fn forward_f32(
                     }
                 }
                 if shape.round_products {
-                    round_on_this_thread(scores);
+                    round_in_place(scores);
                 }
                 let start = shape.out_offset(sample, head, first);
                 let span = (rows - 1) * shape.out_stride + head_dim;
@@ -622,7 +621,8 @@ mod tests {
     }
 
     /// bf16 products without AMX (`forward_f32` with `round_products`) on long rows (128 x 2100
-    /// scores, over 1 MB, rounded in the task's scratch): the attention of the rounded inputs.
+    /// scores, over 1 MB, rounded by the pool inside the task's scratch): the attention of the
+    /// rounded inputs.
     #[test]
     fn rounded_products_on_long_rows_match_naive_attention() {
         let shape = AttentionShape {

@@ -1,12 +1,13 @@
 //! Matrix products of the direct backward on host slices: the strided f32 products of
-//! [`crate::nn::matrix`], and the products with a frozen base weight, f32 or bf16 (bf16 mixed precision: both operands rounded to bf16,
-//! AMX tiles with f32 accumulation, as `nn::trainable::bf16_weight_linear`).
+//! [`crate::nn::matrix`], and the products with a frozen base weight, f32 or bf16 (bf16 mixed
+//! precision: both operands rounded to bf16, AMX tiles with f32 accumulation, as
+//! `nn::trainable::bf16_weight_linear`).
 
 use half::bf16;
 
 use crate::nn::amx::{self, PackedB};
 use crate::nn::fused::round_to_bf16;
-use crate::nn::host::{update_each, vectorised};
+use crate::nn::host::update_each;
 
 pub(super) use crate::nn::matrix::{multiply, product, Matrix};
 
@@ -19,20 +20,6 @@ pub(super) fn round_in_place(values: &mut [f32]) {
         values,
         #[inline(always)]
         |v| *v = round_to_bf16(*v).to_f32(),
-    );
-}
-
-/// [`round_in_place`] on the calling thread only, for a task that holds this thread's scratch
-/// (`nn::host::with_f32_scratch` is not reentrant: while a parallel loop waited, its thread could
-/// run another task that takes the scratch too).
-pub(super) fn round_on_this_thread(values: &mut [f32]) {
-    vectorised(
-        #[inline(always)]
-        || {
-            values
-                .iter_mut()
-                .for_each(|v| *v = round_to_bf16(*v).to_f32())
-        },
     );
 }
 
